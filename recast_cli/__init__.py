@@ -1,0 +1,1 @@
+"""The `recast` command line."""

@@ -1,0 +1,210 @@
+"""`recast`: build template banks, train and inspect task artifacts, predict offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from recast_cli.logs import configure
+from recast_core.errors import RecastError
+
+log = logging.getLogger("recast")
+
+
+class UsageError(Exception):
+    """Bad command-line input detected after argument parsing."""
+
+
+def _cmd_mimic(args: argparse.Namespace) -> None:
+    from recast_core.backbone import load_text_backbone
+    from recast_core.bank import write_report
+    from recast_core.config import minilm_config
+    from recast_core.mimicry import PaperSchedule, mimic
+
+    config = minilm_config(groups=args.groups, templates=args.templates, coeff_sets=args.coeff_sets)
+    backbone = load_text_backbone()
+    log.info("mimicry started", extra={"method": args.method, "config": config.to_dict(), "out": str(args.out)})
+    schedule = PaperSchedule(iterations=args.iterations)
+    result = mimic(backbone.model, config, args.method, probe=backbone.probe(), seed=args.seed, schedule=schedule)
+    result.bank.save(args.out)
+    report = result.report.to_dict() | {
+        "fingerprint": result.bank.fingerprint,
+        "backbone": backbone.name,
+        "bank_bytes": result.bank.nbytes(),
+    }
+    write_report(args.out, report)
+    rep = result.report
+    print(
+        f"bank {args.out} ({config.groups} groups x {config.templates} templates, K={config.coeff_sets}, "
+        f"{args.method}): output cosine {rep.output_cosine:.8f} (min {rep.output_cosine_min:.8f}), "
+        f"max relative weight error {rep.max_relative_error:.3g}, {rep.seconds:.1f} s, "
+        f"{result.bank.num_slots * config.templates} coefficients per task, fingerprint {result.bank.fingerprint[:16]}"
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from recast_core.backbone import load_text_backbone
+    from recast_core.bank import load_bank
+
+    bank = load_bank(args.bank)
+    return load_text_backbone(), bank
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from recast_core.data import load_labelled
+    from recast_core.training import TrainOptions, train_task
+
+    def read(path: Path | None) -> Any:
+        return None if path is None else load_labelled(path, args.text_column, args.label_column)
+
+    train, val, test = read(args.data), read(args.val_data), read(args.test_data)
+    options = TrainOptions(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        max_length=args.max_length,
+        max_train_examples=args.max_train_examples,
+        seed=args.seed,
+    )
+    backbone, bank = _load(args)
+    result = train_task(backbone, bank, train, val=val, test=test, options=options)
+    size = result.artifact.save(args.out)
+    summary = result.summary
+    line = f"validation accuracy {summary['val_accuracy']:.4f} (linear probe {summary['probe_val_accuracy']:.4f})"
+    if "test_accuracy" in summary:
+        line += f", test accuracy {summary['test_accuracy']:.4f}"
+    print(line)
+    print(f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} coefficients, "
+          f"{len(result.artifact.labels)} labels)")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from recast_core.artifact import read_artifact
+
+    artifact = read_artifact(args.task)
+    print(
+        json.dumps(
+            {
+                "labels": list(artifact.labels),
+                "bank_fingerprint": artifact.bank_fingerprint,
+                "trainable_parameters": artifact.trainable_parameters,
+                "head_parameters": artifact.head_parameters,
+                "coefficients_shape": list(artifact.coefficients.shape),
+                "bytes": args.task.stat().st_size,
+                "schema_version": artifact.schema_version,
+                "created": artifact.created,
+                "training": artifact.training,
+            },
+            indent=2,
+        )
+    )
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from recast_core.artifact import read_artifact
+    from recast_core.task_model import TextTaskModel, artifact_spec
+
+    backbone, bank = _load(args)
+    artifact = read_artifact(args.task, artifact_spec(bank, backbone.hidden_size))
+    model = TextTaskModel.from_artifact(backbone, bank, artifact)
+    for text, pred in zip(args.texts, model.predict(args.texts), strict=True):
+        print(json.dumps({"text": text, "label": pred.label, "scores": pred.scores}))
+
+
+def _cmd_datasets(args: argparse.Namespace) -> None:
+    from recast_core.datasets import LOADERS, load_splits
+
+    if args.action == "list":
+        for name in sorted(LOADERS):
+            print(name)
+        return
+    if args.name is None or args.out is None:
+        raise UsageError("datasets export needs NAME and --out DIR")
+    splits = load_splits(args.name)
+    for part in ("train", "val", "test"):
+        getattr(splits, part).to_csv(args.out / f"{part}.csv")
+    print(f"wrote {args.out}/{{train,val,test}}.csv ({len(splits.train)}/{len(splits.val)}/{len(splits.test)} rows)")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mimic", help="fit a template bank to the default backbone (Neural Mimicry)")
+    p.add_argument("--out", type=Path, required=True, help="bank directory to write")
+    p.add_argument("--groups", type=_positive, default=3)
+    p.add_argument("--templates", type=_positive, default=2)
+    p.add_argument("--coeff-sets", type=_positive, default=2)
+    p.add_argument("--method", choices=("svd", "paper"), default="svd")
+    p.add_argument("--iterations", type=_positive, default=1000, help="paper method only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_mimic)
+
+    p = sub.add_parser("train", help="train a task (coefficients + head) on labelled data")
+    p.add_argument("--bank", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help=".csv with a header row, or .jsonl")
+    p.add_argument("--val-data", type=Path, help="validation data (default: carved from --data)")
+    p.add_argument("--test-data", type=Path, help="test data, evaluated once at the end")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--out", type=Path, required=True, help="task artifact to write (.safetensors)")
+    p.add_argument("--epochs", type=_positive, default=8)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--head-lr", type=float, default=2e-3)
+    p.add_argument("--max-length", type=_positive, default=64)
+    p.add_argument("--max-train-examples", type=_positive)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("inspect", help="print a task artifact's metadata as JSON")
+    p.add_argument("task", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("predict", help="predict offline with a task artifact")
+    p.add_argument("--bank", type=Path, required=True)
+    p.add_argument("--task", type=Path, required=True)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("datasets", help="bundled real data sets with fixed splits")
+    p.add_argument("action", choices=("list", "export"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=_cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(logging.DEBUG if args.verbose else logging.INFO)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (RecastError, UsageError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"recast {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

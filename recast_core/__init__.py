@@ -1,0 +1,1 @@
+"""RECAST core: template banks, Neural Mimicry, reparameterization, task training and task artifacts."""

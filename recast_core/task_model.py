@@ -1,0 +1,95 @@
+"""A text task on the shared backbone: reparameterized encoder + linear head, loadable from an artifact."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.backbone import DEFAULT_MAX_LENGTH, SentenceEncoder, TextBackbone
+from recast_core.bank import TemplateBank
+from recast_core.reparam import Reparameterized, reparameterize
+
+
+def artifact_spec(bank: TemplateBank, hidden_size: int, max_bytes: int | None = None) -> ArtifactSpec:
+    """What `bank` (on a backbone with `hidden_size`) expects of a task artifact."""
+    spec = ArtifactSpec(bank.fingerprint, bank.num_slots, bank.num_templates, hidden_size)
+    return spec if max_bytes is None else ArtifactSpec(spec.bank_fingerprint, spec.num_slots,
+                                                       spec.num_templates, hidden_size, max_bytes)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    scores: dict[str, float]
+
+
+class TextTaskModel(nn.Module):
+    """encoder (a private copy of the backbone, reparameterized on `bank`) -> mean pooling -> head."""
+
+    def __init__(self, backbone: TextBackbone, bank: TemplateBank, num_labels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.reparam: Reparameterized = reparameterize(copy.deepcopy(backbone.model), bank)
+        self.encoder = SentenceEncoder(self.reparam.model)
+        self.head = nn.Linear(backbone.hidden_size, num_labels)
+        self.labels: tuple[str, ...] = tuple(str(i) for i in range(num_labels))
+        self.eval()
+
+    @property
+    def bank(self) -> TemplateBank:
+        return self.reparam.bank
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids, attention_mask))  # (B, C)
+
+    @classmethod
+    def from_artifact(cls, backbone: TextBackbone, bank: TemplateBank, artifact: TaskArtifact) -> TextTaskModel:
+        model = cls(backbone, bank, len(artifact.labels))
+        model.load_artifact(artifact)
+        return model
+
+    def load_artifact(self, artifact: TaskArtifact) -> None:
+        if artifact.bank_fingerprint != self.bank.fingerprint:
+            raise ValueError("artifact belongs to another bank; validate it with read_artifact(spec=...) first")
+        self.reparam.set_coefficients(artifact.coefficients)
+        with torch.no_grad():
+            self.head.weight.copy_(artifact.head_weight)
+            self.head.bias.copy_(artifact.head_bias)
+        self.labels = artifact.labels
+
+    def export(self, training: dict[str, Any]) -> TaskArtifact:
+        return TaskArtifact(
+            coefficients=self.reparam.collapsed().to(torch.float32),
+            head_weight=self.head.weight.detach().clone(),
+            head_bias=self.head.bias.detach().clone(),
+            labels=self.labels,
+            bank_fingerprint=self.bank.fingerprint,
+            training=training,
+        )
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+        """(len(texts), C) logits; batches are formed by length to limit padding, output in input order."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), len(self.labels))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.backbone.tokenize([texts[i] for i in idx], max_length)
+            out[idx] = self(**batch)
+        return out
+
+    def predict(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> list[Prediction]:
+        probs = torch.softmax(self.logits(texts, max_length=max_length), dim=-1)
+        return [
+            Prediction(
+                label=self.labels[int(row.argmax())],
+                scores={label: float(p) for label, p in zip(self.labels, row, strict=True)},
+            )
+            for row in probs
+        ]
