@@ -13,7 +13,9 @@ def compose(templates: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """
     n = templates.shape[0]
     if coeffs.ndim != 2 or coeffs.shape[1] != n:
-        raise ValueError(f"coeffs must be (S, {n}) to match templates {tuple(templates.shape)}, got {tuple(coeffs.shape)}")
+        raise ValueError(
+            f"coeffs must be (S, {n}) to match templates {tuple(templates.shape)}, got {tuple(coeffs.shape)}"
+        )
     flat = templates.reshape(n, -1)  # (n, prod(w))
     return (coeffs.to(flat.dtype) @ flat).reshape(coeffs.shape[0], *templates.shape[1:])
 

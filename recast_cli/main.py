@@ -28,9 +28,13 @@ def _cmd_mimic(args: argparse.Namespace) -> None:
 
     config = minilm_config(groups=args.groups, templates=args.templates, coeff_sets=args.coeff_sets)
     backbone = load_text_backbone()
-    log.info("mimicry started", extra={"method": args.method, "config": config.to_dict(), "out": str(args.out)})
+    log.info(
+        "mimicry started", extra={"method": args.method, "config": config.to_dict(), "out": str(args.out)}
+    )
     schedule = PaperSchedule(iterations=args.iterations)
-    result = mimic(backbone.model, config, args.method, probe=backbone.probe(), seed=args.seed, schedule=schedule)
+    result = mimic(
+        backbone.model, config, args.method, probe=backbone.probe(), seed=args.seed, schedule=schedule
+    )
     result.bank.save(args.out)
     report = result.report.to_dict() | {
         "fingerprint": result.bank.fingerprint,
@@ -43,7 +47,8 @@ def _cmd_mimic(args: argparse.Namespace) -> None:
         f"bank {args.out} ({config.groups} groups x {config.templates} templates, K={config.coeff_sets}, "
         f"{args.method}): output cosine {rep.output_cosine:.8f} (min {rep.output_cosine_min:.8f}), "
         f"max relative weight error {rep.max_relative_error:.3g}, {rep.seconds:.1f} s, "
-        f"{result.bank.num_slots * config.templates} coefficients per task, fingerprint {result.bank.fingerprint[:16]}"
+        f"{result.bank.num_slots * config.templates} coefficients per task, "
+        f"fingerprint {result.bank.fingerprint[:16]}"
     )
 
 
@@ -56,13 +61,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from recast_core.data import load_labelled
+    from recast_core.data import load_labelled, require_classes
     from recast_core.training import TrainOptions, train_task
 
     def read(path: Path | None) -> Any:
         return None if path is None else load_labelled(path, args.text_column, args.label_column)
 
     train, val, test = read(args.data), read(args.val_data), read(args.test_data)
+    require_classes(train, source=str(args.data))
     options = TrainOptions(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -76,12 +82,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     result = train_task(backbone, bank, train, val=val, test=test, options=options)
     size = result.artifact.save(args.out)
     summary = result.summary
-    line = f"validation accuracy {summary['val_accuracy']:.4f} (linear probe {summary['probe_val_accuracy']:.4f})"
+    line = f"validation accuracy {summary['val_accuracy']:.4f}"
+    line += f" (linear probe {summary['probe_val_accuracy']:.4f})"
     if "test_accuracy" in summary:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     print(line)
-    print(f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} coefficients, "
-          f"{len(result.artifact.labels)} labels)")
+    print(
+        f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} coefficients, "
+        f"{len(result.artifact.labels)} labels)"
+    )
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -129,7 +138,10 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
     splits = load_splits(args.name)
     for part in ("train", "val", "test"):
         getattr(splits, part).to_csv(args.out / f"{part}.csv")
-    print(f"wrote {args.out}/{{train,val,test}}.csv ({len(splits.train)}/{len(splits.val)}/{len(splits.test)} rows)")
+    print(
+        f"wrote {args.out}/{{train,val,test}}.csv "
+        f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} rows)"
+    )
 
 
 def _positive(value: str) -> int:

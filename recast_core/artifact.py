@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from recast_core.errors import (
     ArtifactCorrupt,
@@ -43,7 +42,18 @@ DEFAULT_MAX_BYTES = 1 << 20
 MAX_HEADER_BYTES = 64 << 10
 MAX_LABELS = 4096
 MAX_LABEL_CHARS = 256
-_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_SIZES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class TaskArtifact:
             "created": self.created,
             "training": json.dumps(self.training, sort_keys=True),
         }
-        return bytes(st_save(tensors, metadata=metadata))
+        return serialize(tensors, metadata)
 
     def save(self, path: Path) -> int:
         """Write atomically (temp file in the same directory, fsync, rename); returns the byte count."""
@@ -107,6 +117,27 @@ class TaskArtifact:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return len(data)
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Byte-deterministic safetensors: sorted keys, data laid out in key order, header padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks: list[bytes] = []
+    offset = 0
+    for key in sorted(tensors):
+        if tensors[key].dtype != torch.float32:
+            raise ValueError(f"{key}: only float32 tensors are written, got {tensors[key].dtype}")
+        data = tensors[key].detach().to("cpu").contiguous().numpy().tobytes()
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(tensors[key].shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
 
 
 def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> TaskArtifact:
@@ -128,13 +159,17 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
         )
     for key in KEYS:
         if header[key].get("dtype") != "F32":
-            raise ArtifactDtypeError(f"tensor {key!r} has the wrong dtype", expected="F32", found=header[key].get("dtype"))
+            raise ArtifactDtypeError(
+                f"tensor {key!r} has the wrong dtype", expected="F32", found=header[key].get("dtype")
+            )
     labels, fingerprint, training, created, version = _parse_metadata(metadata)
     shapes = {key: tuple(header[key]["shape"]) for key in KEYS}
     num_labels = len(labels)
     coeff_shape = shapes["coefficients"]
     if len(coeff_shape) != 2:
-        raise ArtifactShapeError("coefficients must be 2-D (slots, templates)", expected="(M, n)", found=coeff_shape)
+        raise ArtifactShapeError(
+            "coefficients must be 2-D (slots, templates)", expected="(M, n)", found=coeff_shape
+        )
     if len(shapes["head.weight"]) != 2:
         raise ArtifactShapeError("head.weight must be 2-D", expected="(C, H)", found=shapes["head.weight"])
     if shapes["head.weight"][0] != num_labels or shapes["head.bias"] != (num_labels,):
@@ -169,7 +204,9 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     for key in KEYS:
         if not bool(torch.isfinite(tensors[key]).all()):
             bad = int((~torch.isfinite(tensors[key])).sum())
-            raise ArtifactNonFinite(f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad)
+            raise ArtifactNonFinite(
+                f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad
+            )
     return TaskArtifact(
         coefficients=tensors["coefficients"],
         head_weight=tensors["head.weight"],
@@ -191,10 +228,14 @@ def _read_bounded(source: Path | bytes, max_bytes: int) -> bytes:
         except OSError as exc:
             raise ArtifactCorrupt(f"cannot read {source}: {exc.strerror}") from exc
         if size > max_bytes:
-            raise ArtifactTooLarge("the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=size)
+            raise ArtifactTooLarge(
+                "the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=size
+            )
         data = source.read_bytes()
     if len(data) > max_bytes:
-        raise ArtifactTooLarge("the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=len(data))
+        raise ArtifactTooLarge(
+            "the artifact exceeds the size cap", expected=f"<= {max_bytes} bytes", found=len(data)
+        )
     return data
 
 
@@ -205,7 +246,9 @@ def _parse_header(data: bytes) -> dict[str, Any]:
     if header_len > MAX_HEADER_BYTES:
         raise ArtifactCorrupt("header too large", expected=f"<= {MAX_HEADER_BYTES} bytes", found=header_len)
     if 8 + header_len > len(data):
-        raise ArtifactCorrupt("truncated header", expected=f"{8 + header_len} bytes at least", found=len(data))
+        raise ArtifactCorrupt(
+            "truncated header", expected=f"{8 + header_len} bytes at least", found=len(data)
+        )
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -261,17 +304,25 @@ def _parse_metadata(metadata: object) -> tuple[tuple[str, ...], str, dict[str, A
         training = json.loads(metadata["training"])
     except (TypeError, json.JSONDecodeError) as exc:
         raise ArtifactMetadataError(f"labels or training is not valid JSON: {exc}") from exc
-    if not isinstance(labels, list) or not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels):
+    if not isinstance(labels, list) or not all(
+        isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels
+    ):
         raise ArtifactMetadataError(
-            "labels must be a JSON list of non-empty strings", expected="list[str]", found=type(labels).__name__
+            "labels must be a JSON list of non-empty strings",
+            expected="list[str]",
+            found=type(labels).__name__,
         )
     if not 2 <= len(labels) <= MAX_LABELS or len(set(labels)) != len(labels):
         raise ArtifactMetadataError(
             "labels must be 2 to 4096 distinct strings", expected="2..4096 distinct", found=len(labels)
         )
     if not isinstance(training, dict):
-        raise ArtifactMetadataError("training must be a JSON object", expected="object", found=type(training).__name__)
+        raise ArtifactMetadataError(
+            "training must be a JSON object", expected="object", found=type(training).__name__
+        )
     fingerprint = metadata["bank_fingerprint"]
     if not isinstance(fingerprint, str) or len(fingerprint) != 64:
-        raise ArtifactMetadataError("bank_fingerprint must be a sha256 hex digest", expected=64, found=fingerprint)
+        raise ArtifactMetadataError(
+            "bank_fingerprint must be a sha256 hex digest", expected=64, found=fingerprint
+        )
     return tuple(labels), fingerprint, training, str(metadata["created"]), SCHEMA_VERSION

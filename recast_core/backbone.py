@@ -105,7 +105,9 @@ def load_text_backbone(path: Path | None = None) -> TextBackbone:
     for param in model.parameters():
         param.requires_grad_(False)
     name = DEFAULT_BACKBONE if path is None else directory.name
-    return TextBackbone(name=name, model=model, tokenizer=tokenizer, hidden_size=int(model.config.hidden_size))
+    return TextBackbone(
+        name=name, model=model, tokenizer=tokenizer, hidden_size=int(model.config.hidden_size)
+    )
 
 
 def sample_sentences() -> list[str]:

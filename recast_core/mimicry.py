@@ -83,11 +83,16 @@ def stacked_weights(model: nn.Module, kp: KindPlan) -> torch.Tensor:
     """(L, *fused_shape) float64: per layer the members' weights stacked along the output dimension."""
     named = dict(model.named_modules())
     return torch.stack(
-        [torch.cat([named[name].weight.detach().to(torch.float64) for name in row], dim=0) for row in kp.modules]
+        [
+            torch.cat([named[name].weight.detach().to(torch.float64) for name in row], dim=0)
+            for row in kp.modules
+        ]
     )
 
 
-def _svd_group(weights: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_group(
+    weights: torch.Tensor, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weights (L_g, *w) -> templates (n, *w), coefficients (L_g, n); least-squares optimal."""
     layers = weights.shape[0]
     a = weights.reshape(layers, -1)  # (L_g, D)
@@ -193,7 +198,8 @@ def _fit_paper(
         if it % 50 == 0:
             bar.set_postfix(loss=f"{loss:.3e}")
     templates_out = {
-        key: best[i].reshape(n, *shape).to(torch.float64) for i, (key, shape) in enumerate(zip(keys, shapes, strict=True))
+        key: best[i].reshape(n, *shape).to(torch.float64)
+        for i, (key, shape) in enumerate(zip(keys, shapes, strict=True))
     }
     # coefficient rows back into canonical slot order (kind, then layer): groups are consecutive runs
     base = torch.cat(best[len(keys) :], dim=0).to(torch.float64)  # (M, K, n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -55,7 +56,7 @@ class ModulePlan:
     def num_slots(self) -> int:
         return len(self.slots)
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, dict[str, Any]]:
         """JSON-ready layout, stored in the bank and compared when the bank is applied to a model."""
         return {
             kp.kind.name: {
@@ -107,14 +108,16 @@ def resolve_plan(model: nn.Module, config: RecastConfig) -> ModulePlan:
                 )
             for name, layer in hits:
                 if name in claimed:
-                    problems.append(f"module {name!r} is matched by kinds {claimed[name]!r} and {kind.name!r}")
+                    problems.append(
+                        f"module {name!r} is matched by kinds {claimed[name]!r} and {kind.name!r}"
+                    )
                 claimed[name] = kind.name
                 per_layer[layer][j] = name
         if not per_layer:
             continue
         layers = tuple(sorted(per_layer))
         incomplete = [
-            f"layer {layer} lacks {[kind.members[j] for j in range(len(kind.members)) if j not in per_layer[layer]]}"
+            f"layer {layer} lacks {[m for j, m in enumerate(kind.members) if j not in per_layer[layer]]}"
             for layer in layers
             if len(per_layer[layer]) != len(kind.members)
         ]
@@ -139,13 +142,13 @@ def resolve_plan(model: nn.Module, config: RecastConfig) -> ModulePlan:
         if len(module_types) != 1 or len(rests) != 1:
             problems.append(
                 f"fused members of kind {kind.name!r} must share module type and input shape, found "
-                + ", ".join(f"{name}: {sig[0]}{list(sig[1])}" for name, sig in zip(modules[0], reference, strict=True))
+                + ", ".join(
+                    f"{name}: {sig[0]}{list(sig[1])}" for name, sig in zip(modules[0], reference, strict=True)
+                )
             )
             continue
         if len(layers) < config.groups:
-            problems.append(
-                f"kind {kind.name!r} has {len(layers)} layers, fewer than groups={config.groups}"
-            )
+            problems.append(f"kind {kind.name!r} has {len(layers)} layers, fewer than groups={config.groups}")
             continue
         rows: list[tuple[int, int]] = []
         start = 0
@@ -166,4 +169,3 @@ def resolve_plan(model: nn.Module, config: RecastConfig) -> ModulePlan:
     if problems:
         raise PlanError(problems)
     return ModulePlan(config=config, kinds=tuple(kind_plans))
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,9 +67,7 @@ def reparameterize(model: nn.Module, bank: TemplateBank, *, check_backbone: bool
     if layout != bank.layout:
         raise BankError(
             "the model's module layout differs from the bank's: "
-            f"expected {sorted(bank.layout)} with shapes "
-            f"{ {k: v['weight_shape'] for k, v in bank.layout.items()} }, "
-            f"found {sorted(layout)} with shapes { {k: v['weight_shape'] for k, v in layout.items()} }"
+            f"expected {_shapes(bank.layout)}, found {_shapes(layout)}"
         )
     if check_backbone:
         found = backbone_fingerprint(model, planned_weight_names(plan))
@@ -105,3 +104,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def _shapes(layout: dict[str, Any]) -> dict[str, Any]:
+    return {kind: entry["weight_shape"] for kind, entry in layout.items()}

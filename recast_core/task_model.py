@@ -19,8 +19,11 @@ from recast_core.reparam import Reparameterized, reparameterize
 def artifact_spec(bank: TemplateBank, hidden_size: int, max_bytes: int | None = None) -> ArtifactSpec:
     """What `bank` (on a backbone with `hidden_size`) expects of a task artifact."""
     spec = ArtifactSpec(bank.fingerprint, bank.num_slots, bank.num_templates, hidden_size)
-    return spec if max_bytes is None else ArtifactSpec(spec.bank_fingerprint, spec.num_slots,
-                                                       spec.num_templates, hidden_size, max_bytes)
+    return (
+        spec
+        if max_bytes is None
+        else ArtifactSpec(spec.bank_fingerprint, spec.num_slots, spec.num_templates, hidden_size, max_bytes)
+    )
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,18 @@ class TextTaskModel(nn.Module):
         return self.head(self.encoder(input_ids, attention_mask))  # (B, C)
 
     @classmethod
-    def from_artifact(cls, backbone: TextBackbone, bank: TemplateBank, artifact: TaskArtifact) -> TextTaskModel:
+    def from_artifact(
+        cls, backbone: TextBackbone, bank: TemplateBank, artifact: TaskArtifact
+    ) -> TextTaskModel:
         model = cls(backbone, bank, len(artifact.labels))
         model.load_artifact(artifact)
         return model
 
     def load_artifact(self, artifact: TaskArtifact) -> None:
         if artifact.bank_fingerprint != self.bank.fingerprint:
-            raise ValueError("artifact belongs to another bank; validate it with read_artifact(spec=...) first")
+            raise ValueError(
+                "artifact belongs to another bank; validate it with read_artifact(spec=...) first"
+            )
         self.reparam.set_coefficients(artifact.coefficients)
         with torch.no_grad():
             self.head.weight.copy_(artifact.head_weight)
@@ -74,7 +81,9 @@ class TextTaskModel(nn.Module):
         )
 
     @torch.no_grad()
-    def logits(self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
+    def logits(
+        self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_MAX_LENGTH
+    ) -> torch.Tensor:
         """(len(texts), C) logits; batches are formed by length to limit padding, output in input order."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), len(self.labels))

@@ -49,8 +49,11 @@ class TrainOptions:
             for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("max_length", 8))
             if getattr(self, name) < low
         ]
-        problems += [f"{name} must be > 0, got {getattr(self, name)!r}" for name in ("lr", "head_lr")
-                     if not getattr(self, name) > 0]
+        problems += [
+            f"{name} must be > 0, got {getattr(self, name)!r}"
+            for name in ("lr", "head_lr")
+            if not getattr(self, name) > 0
+        ]
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 < self.val_fraction < 1:
@@ -71,7 +74,9 @@ class TrainResult:
         return self.artifact.training
 
 
-def _evaluate(model: TextTaskModel, texts: Sequence[str], targets: torch.Tensor, max_length: int) -> tuple[float, float]:
+def _evaluate(
+    model: TextTaskModel, texts: Sequence[str], targets: torch.Tensor, max_length: int
+) -> tuple[float, float]:
     logits = model.logits(texts, max_length=max_length)
     loss = float(F.cross_entropy(logits, targets))
     accuracy = float((logits.argmax(dim=-1) == targets).float().mean())
@@ -79,9 +84,16 @@ def _evaluate(model: TextTaskModel, texts: Sequence[str], targets: torch.Tensor,
 
 
 def _linear_probe(
-    train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray, num_labels: int, seed: int
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    val_x: torch.Tensor,
+    val_y: np.ndarray,
+    num_labels: int,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Logistic regression on frozen embeddings; C chosen on validation. Returns (W (C, H), b (C,), C, val acc)."""
+    """Logistic regression on frozen embeddings, C chosen on validation.
+
+    Returns (W (C, H), b (C,), chosen C, validation accuracy)."""
     best: tuple[float, float, LogisticRegression] | None = None
     for c in PROBE_C_GRID:
         clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
@@ -175,7 +187,12 @@ def train_task(
             bar.update(1)
         val_acc, val_loss = _evaluate(model, val.texts, val_y, options.max_length)
         history.append(
-            {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss, "train_loss": float(np.mean(losses))}
+            {
+                "epoch": epoch,
+                "val_accuracy": val_acc,
+                "val_loss": val_loss,
+                "train_loss": float(np.mean(losses)),
+            }
         )
         bar.set_postfix(val_acc=f"{val_acc:.4f}", best=f"{max(best[0], val_acc):.4f}")
         if (val_acc, -val_loss) > best[:2]:
@@ -207,7 +224,11 @@ def train_task(
 
 
 def _snapshot(model: TextTaskModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "coefficients" in k or k.startswith("head.")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if "coefficients" in k or k.startswith("head.")
+    }
 
 
 def _restore(model: TextTaskModel, snapshot: dict[str, torch.Tensor]) -> None:

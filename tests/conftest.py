@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from recast_core.backbone import TextBackbone, load_text_backbone
+from recast_core.bank import TemplateBank
+from recast_core.config import minilm_config
+from recast_core.datasets import Splits, load_splits
+from recast_core.mimicry import MimicryResult, mimic
+
+
+@pytest.fixture(scope="session")
+def backbone() -> TextBackbone:
+    return load_text_backbone()
+
+
+@pytest.fixture(scope="session")
+def default_mimicry(backbone: TextBackbone) -> MimicryResult:
+    return mimic(backbone.model, minilm_config(), "svd", probe=backbone.probe(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_bank(default_mimicry: MimicryResult) -> TemplateBank:
+    return default_mimicry.bank
+
+
+@pytest.fixture(scope="session")
+def bank_dir(default_bank: TemplateBank, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bank")
+    default_bank.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def trec() -> Splits:
+    return load_splits("trec")

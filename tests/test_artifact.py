@@ -1,0 +1,156 @@
+"""Task artifacts: exact round trip, and one typed error per kind of corruption."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
+from recast_core.errors import (
+    ArtifactCorrupt,
+    ArtifactDtypeError,
+    ArtifactError,
+    ArtifactKeyError,
+    ArtifactMetadataError,
+    ArtifactNonFinite,
+    ArtifactShapeError,
+    ArtifactTooLarge,
+    FingerprintMismatch,
+    LabelCountMismatch,
+)
+
+FP = "ab" * 32
+SPEC = ArtifactSpec(bank_fingerprint=FP, num_slots=24, num_templates=2, hidden_size=384)
+LABELS = ("ham", "spam", "other")
+
+
+def _artifact() -> TaskArtifact:
+    g = torch.Generator().manual_seed(0)
+    return TaskArtifact(
+        coefficients=torch.randn(24, 2, generator=g),
+        head_weight=torch.randn(3, 384, generator=g),
+        head_bias=torch.randn(3, generator=g),
+        labels=LABELS,
+        bank_fingerprint=FP,
+        training={"val_accuracy": 0.9},
+    )
+
+
+def _raw(tensors: dict[str, torch.Tensor] | None = None, **meta: str) -> bytes:
+    art = _artifact()
+    base = {"coefficients": art.coefficients, "head.weight": art.head_weight, "head.bias": art.head_bias}
+    metadata = {
+        "schema_version": "1",
+        "bank_fingerprint": FP,
+        "labels": json.dumps(list(LABELS)),
+        "created": "2026-01-01T00:00:00+00:00",
+        "training": "{}",
+    }
+    metadata.update(meta)
+    return bytes(st_save(tensors if tensors is not None else base, metadata=metadata))
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    art = _artifact()
+    path = tmp_path / "task.safetensors"
+    size = art.save(path)
+    assert size == path.stat().st_size < 8 * 1024
+    for source in (path, path.read_bytes()):
+        loaded = read_artifact(source, SPEC)
+        assert torch.equal(loaded.coefficients, art.coefficients)
+        assert torch.equal(loaded.head_weight, art.head_weight)
+        assert torch.equal(loaded.head_bias, art.head_bias)
+        assert loaded.labels == art.labels
+        assert loaded.training == art.training
+        assert loaded.created == art.created
+        assert loaded.to_bytes() == art.to_bytes()
+    assert art.trainable_parameters == 48
+    assert art.head_parameters == 3 * 385
+
+
+def _tensors(**changes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    art = _artifact()
+    base: dict[str, torch.Tensor] = {
+        "coefficients": art.coefficients,
+        "head.weight": art.head_weight,
+        "head.bias": art.head_bias,
+    }
+    for key, value in changes.items():
+        name = key.replace("_", ".", 1) if key.startswith("head_") else key
+        if value is None:
+            del base[name]
+        else:
+            base[name] = value
+    return base
+
+
+def _nan_coefficients() -> dict[str, torch.Tensor]:
+    c = _artifact().coefficients.clone()
+    c[3, 1] = float("nan")
+    return _tensors(coefficients=c)
+
+
+def _inf_head() -> dict[str, torch.Tensor]:
+    w = _artifact().head_weight.clone()
+    w[0, 0] = float("inf")
+    return _tensors(head_weight=w)
+
+
+def _huge_header() -> bytes:
+    return struct.pack("<Q", 10**9) + b"{}"
+
+
+CASES = [
+    ("wrong fingerprint", lambda: _raw(bank_fingerprint="cd" * 32), FingerprintMismatch),
+    ("missing key", lambda: _raw(_tensors(head_bias=None)), ArtifactKeyError),
+    ("extra key", lambda: _raw(_tensors() | {"extra": torch.zeros(1)}), ArtifactKeyError),
+    ("NaN", lambda: _raw(_nan_coefficients()), ArtifactNonFinite),
+    ("Inf", lambda: _raw(_inf_head()), ArtifactNonFinite),
+    ("wrong coefficient shape", lambda: _raw(_tensors(coefficients=torch.zeros(24, 3))), ArtifactShapeError),
+    ("wrong hidden size", lambda: _raw(_tensors(head_weight=torch.zeros(3, 128))), ArtifactShapeError),
+    (
+        "wrong dtype",
+        lambda: _raw(_tensors(coefficients=torch.zeros(24, 2, dtype=torch.float16))),
+        ArtifactDtypeError,
+    ),
+    ("label count", lambda: _raw(labels=json.dumps(["a", "b"])), LabelCountMismatch),
+    ("schema version", lambda: _raw(schema_version="99"), ArtifactMetadataError),
+    ("labels not JSON", lambda: _raw(labels="[oops"), ArtifactMetadataError),
+    ("truncated", lambda: _raw()[:-100], ArtifactCorrupt),
+    ("truncated header", lambda: _raw()[:40], ArtifactCorrupt),
+    ("empty", lambda: b"", ArtifactCorrupt),
+    ("not safetensors", lambda: b"hello world, not a tensor file", ArtifactCorrupt),
+    ("huge header", _huge_header, ArtifactCorrupt),
+    ("oversize", lambda: _raw() + b"\0" * (2 << 20), ArtifactTooLarge),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "error"), CASES, ids=[c[0] for c in CASES])
+def test_corrupt_artifacts_raise_their_typed_error(case: str, make, error: type[ArtifactError]) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as info:
+        read_artifact(make(), SPEC)
+    assert type(info.value) is error
+    assert info.value.error_type != ArtifactError.error_type
+    assert str(info.value)
+
+
+def test_errors_name_expected_and_found() -> None:
+    with pytest.raises(ArtifactShapeError) as info:
+        read_artifact(_raw(_tensors(coefficients=torch.zeros(24, 3))), SPEC)
+    assert info.value.expected == (24, 2) and info.value.found == (24, 3)
+    assert "expected (24, 2), found (24, 3)" in str(info.value)
+    with pytest.raises(ArtifactKeyError) as keys:
+        read_artifact(_raw(_tensors(head_bias=None)), SPEC)
+    assert "head.bias" in str(keys.value)
+
+
+def test_oversize_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(b"\0" * (SPEC.max_bytes + 1))
+    with pytest.raises(ArtifactTooLarge):
+        read_artifact(path, SPEC)

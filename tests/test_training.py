@@ -1,0 +1,107 @@
+"""Task training on real data (TREC question type) against the majority class and a linear probe."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from recast_core.artifact import read_artifact
+from recast_core.backbone import TextBackbone
+from recast_core.bank import TemplateBank
+from recast_core.datasets import Splits
+from recast_core.errors import DataError
+from recast_core.task_model import TextTaskModel, artifact_spec
+from recast_core.training import TrainOptions, TrainResult, prepare_splits, train_task
+
+OPTIONS = TrainOptions(epochs=3, max_train_examples=1000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(backbone: TextBackbone, default_bank: TemplateBank, trec: Splits) -> TrainResult:
+    return train_task(
+        backbone, default_bank, trec.train, val=trec.val, test=trec.test, options=OPTIONS, progress=False
+    )
+
+
+def _probe_test_accuracy(backbone: TextBackbone, trec: Splits) -> float:
+    """Logistic regression on the ORIGINAL backbone's frozen mean-pooled embeddings, same splits."""
+    train, val, _ = prepare_splits(trec.train, trec.val, trec.test, OPTIONS)
+    embed = {
+        name: backbone.embed(split.texts).numpy()
+        for name, split in (("train", train), ("val", val), ("test", trec.test))
+    }
+    best = max(
+        (
+            LogisticRegression(C=c, max_iter=2000).fit(embed["train"], train.labels)
+            for c in (0.1, 1.0, 10.0, 100.0)
+        ),
+        key=lambda clf: float((clf.predict(embed["val"]) == np.array(val.labels)).mean()),
+    )
+    return float((best.predict(embed["test"]) == np.array(trec.test.labels)).mean())
+
+
+@pytest.mark.slow
+def test_task_beats_majority_and_linear_probe(
+    backbone: TextBackbone, trec: Splits, trained: TrainResult
+) -> None:
+    summary = trained.summary
+    majority = Counter(trec.test.labels).most_common(1)[0][1] / len(trec.test)
+    probe = _probe_test_accuracy(backbone, trec)
+    assert summary["test_accuracy"] > majority + 0.4
+    assert summary["test_accuracy"] >= probe, (summary["test_accuracy"], probe)
+    assert summary["val_accuracy"] >= summary["probe_val_accuracy"]
+    assert summary["train_examples"] == 1000 and summary["test_examples"] == len(trec.test)
+    # the backbone changed through 48 coefficients only
+    artifact = trained.artifact
+    assert artifact.trainable_parameters == 48
+    assert summary["best_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_artifact_reloads_to_the_same_predictions(
+    backbone: TextBackbone, default_bank: TemplateBank, trec: Splits, trained: TrainResult
+) -> None:
+    spec = artifact_spec(default_bank, backbone.hidden_size)
+    artifact = read_artifact(trained.artifact.to_bytes(), spec)
+    model = TextTaskModel.from_artifact(backbone, default_bank, artifact)
+    texts = list(trec.test.texts)
+    predictions = model.predict(texts)
+    accuracy = float(np.mean([p.label == y for p, y in zip(predictions, trec.test.labels, strict=True)]))
+    assert accuracy == pytest.approx(trained.summary["test_accuracy"], abs=1e-6)
+    assert all(abs(sum(p.scores.values()) - 1) < 1e-5 for p in predictions[:20])
+    # the bank's base coefficients are the plain backbone: the trained task really moved them
+    base = default_bank.base_coefficients.mean(dim=1)
+    assert float((artifact.coefficients - base).abs().max()) > 1e-3
+
+
+def test_same_seed_gives_identical_tensors(
+    backbone: TextBackbone, default_bank: TemplateBank, trec: Splits
+) -> None:
+    options = TrainOptions(epochs=1, max_train_examples=160, seed=7)
+    small = trec.train.subset(range(400))
+    runs = [train_task(backbone, default_bank, small, options=options, progress=False) for _ in range(2)]
+    first, second = (run.artifact for run in runs)
+    assert torch.equal(first.coefficients, second.coefficients)
+    assert torch.equal(first.head_weight, second.head_weight)
+    assert torch.equal(first.head_bias, second.head_bias)
+    assert runs[0].history == runs[1].history
+    other = train_task(
+        backbone, default_bank, small, options=dataclasses.replace(options, seed=8), progress=False
+    )
+    assert other.history[1]["train_loss"] != runs[0].history[1]["train_loss"]  # the seed matters
+
+
+def test_training_refuses_bad_splits(
+    backbone: TextBackbone, default_bank: TemplateBank, trec: Splits
+) -> None:
+    one_class = trec.train.subset([i for i, y in enumerate(trec.train.labels) if y == "HUM"][:20])
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train_task(backbone, default_bank, one_class, progress=False)
+    rare = trec.train.subset([0, 1, 2, 3, *[i for i, y in enumerate(trec.train.labels) if y == "ABBR"][:1]])
+    with pytest.raises(DataError):
+        train_task(backbone, default_bank, rare, progress=False)
