@@ -31,7 +31,7 @@ bank: $(BANK)/bank.safetensors
 run: $(BANK)/bank.safetensors
 	$(RECAST) datasets export trec --out $(DEMO)/trec
 	$(RECAST) train --bank $(BANK) --data $(DEMO)/trec/train.csv --test-data $(DEMO)/trec/test.csv \
-		--out $(DEMO)/trec.safetensors
+		--max-train-examples 2000 --epochs 4 --out $(DEMO)/trec.safetensors
 	$(RECAST) inspect $(DEMO)/trec.safetensors
 	$(RECAST) predict --bank $(BANK) --task $(DEMO)/trec.safetensors \
 		"How far is the Moon from the Earth?" "Who wrote Hamlet?" "What does NASA stand for?"
