@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 $(STAMP): pyproject.toml tools/install.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) tools/install.py dev
+	$(PY) tools/install.py dev bench
 	touch $@
 
 install: $(STAMP)
@@ -30,7 +30,8 @@ bank: $(BANK)/bank.safetensors
 # Main job: mimic the default backbone (cached), train a demo task on real data, print its accuracy.
 run: $(BANK)/bank.safetensors
 	$(RECAST) datasets export trec --out $(DEMO)/trec
-	$(RECAST) train --bank $(BANK) --data $(DEMO)/trec/train.csv --test-data $(DEMO)/trec/test.csv \
+	$(RECAST) train --bank $(BANK) --data $(DEMO)/trec/train.csv --val-data $(DEMO)/trec/val.csv \
+		--test-data $(DEMO)/trec/test.csv \
 		--max-train-examples 2000 --epochs 4 --out $(DEMO)/trec.safetensors
 	$(RECAST) inspect $(DEMO)/trec.safetensors
 	$(RECAST) predict --bank $(BANK) --task $(DEMO)/trec.safetensors \

@@ -166,7 +166,7 @@ def fit(
     return FitOutcome(history=history, best_epoch=best[2], val_accuracy=best[0])
 
 
-def _linear_probe(
+def linear_probe(
     train_x: torch.Tensor,
     train_y: np.ndarray,
     val_x: torch.Tensor,
@@ -239,7 +239,7 @@ def train_task(
         )
         for split in (train, val)
     )
-    weight, bias, probe_c, probe_val = _linear_probe(
+    weight, bias, probe_c, probe_val = linear_probe(
         train_x, train_y.numpy(), val_x, val_y.numpy(), len(labels), options.seed
     )
     with torch.no_grad():

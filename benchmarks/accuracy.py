@@ -1,0 +1,216 @@
+"""Accuracy per stored byte: RECAST against a linear probe, LoRA r=8 and full fine-tuning on real tasks.
+
+Usage:
+    python -m benchmarks.accuracy                     # the full table into docs/ (resumes finished runs)
+    python -m benchmarks.accuracy --quick --out DIR   # a few minutes: small budget, one seed
+
+Same backbone (MiniLM), same fixed splits, same token budget (examples x epochs x max length) and model
+selection on the validation split for every method. Each finished run is appended to results.json at once,
+so an interrupted table resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.baselines import mean_std, run_baseline
+from recast_core.backbone import TextBackbone, load_text_backbone
+from recast_core.bank import TemplateBank, load_bank
+from recast_core.config import minilm_config
+from recast_core.data import LabelledTexts, stratified_cap
+from recast_core.datasets import load_splits
+from recast_core.errors import BankError
+from recast_core.mimicry import mimic
+from recast_core.training import TrainOptions, prepare_splits, train_task
+
+TASKS = ("sms_spam", "trec", "movie_reviews", "tweet_sentiment")
+METHODS = ("linear_probe", "recast", "recast_compressed", "lora_r8", "full_ft")
+BANKS = {"recast": minilm_config(), "recast_compressed": minilm_config(groups=1, templates=3)}
+LEARNING_RATES = {"recast": 2e-3, "recast_compressed": 2e-3, "lora_r8": 1e-3, "full_ft": 2e-5}
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_train: int
+    max_eval: int | None
+    epochs: int
+    max_length: int
+    seeds: tuple[int, ...]
+
+
+FULL = Budget(max_train=1000, max_eval=None, epochs=3, max_length=64, seeds=(0, 1, 2))
+QUICK = Budget(max_train=64, max_eval=96, epochs=1, max_length=32, seeds=(0,))
+
+
+def _bank(name: str, backbone: TextBackbone, cache: Path) -> TemplateBank:
+    directory = cache / f"accuracy-{name}"
+    try:
+        return load_bank(directory)
+    except BankError:
+        bank = mimic(backbone.model, BANKS[name], "svd", progress=False).bank
+        bank.save(directory)
+        return bank
+
+
+def _cap(data: LabelledTexts, cap: int | None) -> LabelledTexts:
+    return data if cap is None or len(data) <= cap else data.subset(stratified_cap(data.labels, cap, 0))
+
+
+def run_one(
+    task: str, method: str, seed: int, backbone: TextBackbone, banks: dict[str, TemplateBank], budget: Budget
+) -> dict[str, Any]:
+    splits = load_splits(task)
+    options = TrainOptions(
+        epochs=budget.epochs,
+        max_length=budget.max_length,
+        max_train_examples=budget.max_train,
+        seed=seed,
+        lr=LEARNING_RATES.get(method, 2e-3),
+    )
+    val, test = _cap(splits.val, budget.max_eval), _cap(splits.test, budget.max_eval)
+    start = time.perf_counter()
+    if method in BANKS:
+        result = train_task(
+            backbone, banks[method], splits.train, val=val, test=test, options=options, progress=False
+        )
+        art = result.artifact
+        row = {
+            "test_accuracy": art.training["test_accuracy"],
+            "val_accuracy": art.training["val_accuracy"],
+            "trainable_params": art.trainable_parameters * banks[method].config.coeff_sets,
+            "stored_params": art.trainable_parameters,
+            "head_params": art.head_parameters,
+            "artifact_bytes": len(art.to_bytes()),
+        }
+    else:
+        train, val, labels = prepare_splits(splits.train, val, test, options)
+        run = run_baseline(method, backbone, labels, train, val, test, options, options.lr, progress=False)
+        row = {
+            "test_accuracy": run.test_accuracy,
+            "val_accuracy": run.val_accuracy,
+            "trainable_params": run.trainable_params,
+            "stored_params": run.trainable_params,
+            "head_params": run.head_params,
+            "artifact_bytes": run.artifact_bytes,
+        }
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        **row,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _planned(
+    tasks: tuple[str, ...], methods: tuple[str, ...], budget: Budget
+) -> Iterator[tuple[str, str, int]]:
+    for seed in budget.seeds:  # seed-major: an interrupted run still covers every task
+        for task in tasks:
+            for method in methods:
+                yield task, method, seed
+
+
+def render(runs: list[dict[str, Any]], out: Path) -> str:
+    """The results table (mean ± std per task and method, parameters, bytes) and the accuracy plot."""
+    tasks = sorted({r["task"] for r in runs}, key=lambda t: TASKS.index(t) if t in TASKS else 99)
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    cell: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        cell.setdefault((r["task"], r["method"]), []).append(100 * r["test_accuracy"])
+    lines = [
+        "| method | " + " | ".join(tasks) + " | mean | trainable params | stored bytes per task |",
+        "|---|" + "---:|" * (len(tasks) + 3),
+    ]
+    means: dict[str, float] = {}
+    for m in methods:
+        cells, task_means = [], []
+        for t in tasks:
+            values = cell.get((t, m), [])
+            if values:
+                mu, sd = mean_std(values)
+                task_means.append(mu)
+                cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(values)})")
+            else:
+                cells.append("—")
+        rows_m = [r for r in runs if r["method"] == m]
+        means[m] = sum(task_means) / len(task_means) if len(task_means) == len(tasks) else float("nan")
+        params = max(r["trainable_params"] for r in rows_m)
+        size = sorted(r["artifact_bytes"] for r in rows_m)[len(rows_m) // 2]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {means[m]:.2f} | {params:,} | {size:,} |")
+    _plot(runs, methods, out / "results.png")
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        rows = [r for r in runs if r["method"] == m]
+        size = sorted(r["artifact_bytes"] for r in rows)[len(rows) // 2]
+        accuracy = sum(100 * r["test_accuracy"] for r in rows) / len(rows)
+        ax.scatter([size], [accuracy], s=60, label=m)
+        ax.annotate(m, (size, accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored per task (median)")
+    ax.set_ylabel("test accuracy, mean over runs (%)")
+    ax.set_title("Accuracy vs per-task bytes (MiniLM)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny budget and one seed (smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where results.json/.md/.png go")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--cache", type=Path, default=Path(".cache/banks"))
+    args = parser.parse_args()
+    budget = QUICK if args.quick else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    runs: list[dict[str, Any]] = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    done = {(r["task"], r["method"], r["seed"]) for r in runs}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    backbone = load_text_backbone()
+    banks = {name: _bank(name, backbone, args.cache) for name in BANKS if name in args.methods}
+    from tqdm.auto import tqdm
+
+    plan = [p for p in _planned(tuple(args.tasks), tuple(args.methods), budget) if p not in done]
+    for task, method, seed in tqdm(plan, desc="accuracy table", unit="run"):
+        row = run_one(task, method, seed, backbone, banks, budget)
+        runs.append(row)
+        results_path.write_text(json.dumps({"budget": budget.__dict__, "runs": runs}, indent=1) + "\n")
+        tqdm.write(json.dumps(row))
+    table = render(runs, args.out)
+    header = (
+        "# Accuracy per stored byte\n\n"
+        f"Command: `python -m benchmarks.accuracy{' --quick' if args.quick else ''}`. "
+        f"Budget: {budget.max_train} training examples per task at most, {budget.epochs} epochs, "
+        f"{budget.max_length} tokens, seeds {list(budget.seeds)}; model selection on validation; "
+        "test accuracy in %, mean ± std over seeds.\n\n"
+        "![accuracy vs bytes](results.png)\n\n"
+    )
+    (args.out / "results.md").write_text(header + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Baselines on the same backbone, splits and token budget as RECAST: linear probe, LoRA r=8, full FT."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from recast_core.artifact import serialize
+from recast_core.backbone import SentenceEncoder, TextBackbone
+from recast_core.data import LabelledTexts
+from recast_core.training import FitOutcome, TrainOptions, batched_logits, fit, linear_probe
+
+# the modules RECAST reparameterizes, named for PEFT
+LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder_model: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = SentenceEncoder(encoder_model)
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(input_ids, attention_mask))
+
+
+@dataclass(frozen=True)
+class BaselineRun:
+    val_accuracy: float
+    test_accuracy: float
+    trainable_params: int
+    head_params: int
+    artifact_bytes: int
+    outcome: FitOutcome | None
+
+
+def _targets(labels: list[str], data: LabelledTexts) -> torch.Tensor:
+    index = {label: i for i, label in enumerate(labels)}
+    return torch.tensor([index[y] for y in data.labels])
+
+
+def _accuracy(
+    model: nn.Module, backbone: TextBackbone, data: LabelledTexts, y: torch.Tensor, length: int
+) -> float:
+    logits = batched_logits(model, backbone.tokenize, data.texts, length)
+    return float((logits.argmax(-1) == y).float().mean())
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return len(serialize({k: v.detach().float().contiguous() for k, v in tensors.items()}, {}))
+
+
+def run_baseline(
+    method: str,
+    backbone: TextBackbone,
+    labels: list[str],
+    train: LabelledTexts,
+    val: LabelledTexts,
+    test: LabelledTexts,
+    options: TrainOptions,
+    lr: float,
+    progress: bool,
+) -> BaselineRun:
+    torch.manual_seed(options.seed)
+    y = {name: _targets(labels, split) for name, split in (("train", train), ("val", val), ("test", test))}
+    model_copy = copy.deepcopy(backbone.model)
+    classifier = EncoderClassifier(model_copy, backbone.hidden_size, len(labels))
+    embeds = {
+        name: backbone.embed(split.texts, max_length=options.max_length)
+        for name, split in (("train", train), ("val", val))
+    }
+    weight, bias, _, _ = linear_probe(
+        embeds["train"], y["train"].numpy(), embeds["val"], y["val"].numpy(), len(labels), options.seed
+    )
+    with torch.no_grad():
+        classifier.head.weight.copy_(weight)
+        classifier.head.bias.copy_(bias)
+    head_params = sum(p.numel() for p in classifier.head.parameters())
+    head_state = {f"head.{k}": v for k, v in classifier.head.state_dict().items()}
+    if method == "linear_probe":
+        for p in model_copy.parameters():
+            p.requires_grad_(False)
+        classifier.eval()
+        return BaselineRun(
+            val_accuracy=_accuracy(classifier, backbone, val, y["val"], options.max_length),
+            test_accuracy=_accuracy(classifier, backbone, test, y["test"], options.max_length),
+            trainable_params=0,
+            head_params=head_params,
+            artifact_bytes=_bytes(head_state),
+            outcome=None,
+        )
+    if method == "lora_r8":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+        classifier.encoder.model = get_peft_model(model_copy, config)
+        body = [p for p in classifier.encoder.parameters() if p.requires_grad]
+    elif method == "full_ft":
+        for p in model_copy.parameters():
+            p.requires_grad_(True)
+        body = list(model_copy.parameters())
+    else:
+        raise ValueError(f"unknown baseline {method!r}")
+    classifier.eval()  # no dropout, as for RECAST: the same deterministic forward for every method
+    groups = [
+        {"params": body, "lr": lr},
+        {"params": list(classifier.head.parameters()), "lr": options.head_lr},
+    ]
+    outcome = fit(
+        classifier,
+        groups,
+        backbone.tokenize,
+        (train.texts, y["train"]),
+        (val.texts, y["val"]),
+        options,
+        progress,
+    )
+    trainable = sum(p.numel() for p in body)
+    stored = {f"body.{i}": p for i, p in enumerate(body)} | head_state
+    return BaselineRun(
+        val_accuracy=outcome.val_accuracy,
+        test_accuracy=_accuracy(classifier, backbone, test, y["test"], options.max_length),
+        trainable_params=trainable,
+        head_params=head_params,
+        artifact_bytes=_bytes(stored),
+        outcome=outcome,
+    )
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

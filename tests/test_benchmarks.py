@@ -1,0 +1,54 @@
+"""The benchmarks run end to end at a tiny budget (smoke tests; their real figures live in docs/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.accuracy import METHODS, TASKS
+
+KEYS = {
+    "task",
+    "method",
+    "seed",
+    "test_accuracy",
+    "val_accuracy",
+    "trainable_params",
+    "head_params",
+    "artifact_bytes",
+    "train_seconds",
+}
+
+
+@pytest.mark.slow
+def test_accuracy_quick_writes_every_task_and_method(tmp_path: Path) -> None:
+    out = tmp_path / "docs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.accuracy",
+        "--quick",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["task"], r["method"]) for r in runs} == {(t, m) for t in TASKS for m in METHODS}
+    for row in runs:
+        assert set(row) >= KEYS, row
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["artifact_bytes"] > 0
+    by_method = {r["method"]: r for r in runs if r["task"] == "trec"}
+    assert by_method["recast"]["trainable_params"] == 96  # 48 per K set, K = 2
+    assert by_method["linear_probe"]["trainable_params"] == 0
+    assert by_method["lora_r8"]["trainable_params"] == 6 * (3 * 8 * 768 + 8 * 768 + 2 * 8 * (384 + 1536))
+    assert by_method["full_ft"]["trainable_params"] > 22_000_000
+    assert by_method["recast"]["artifact_bytes"] < by_method["lora_r8"]["artifact_bytes"] / 50
+    table = (out / "results.md").read_text()
+    assert all(m in table for m in METHODS) and (out / "results.png").stat().st_size > 1000
