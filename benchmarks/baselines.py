@@ -12,7 +12,7 @@ from torch import nn
 from recast_core.artifact import serialize
 from recast_core.backbone import SentenceEncoder, TextBackbone
 from recast_core.data import LabelledTexts
-from recast_core.training import FitOutcome, TrainOptions, batched_logits, fit, linear_probe
+from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, linear_probe, text_examples
 
 # the modules RECAST reparameterizes, named for PEFT
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -43,13 +43,6 @@ def _targets(labels: list[str], data: LabelledTexts) -> torch.Tensor:
     return torch.tensor([index[y] for y in data.labels])
 
 
-def _accuracy(
-    model: nn.Module, backbone: TextBackbone, data: LabelledTexts, y: torch.Tensor, length: int
-) -> float:
-    logits = batched_logits(model, backbone.tokenize, data.texts, length)
-    return float((logits.argmax(-1) == y).float().mean())
-
-
 def _bytes(tensors: dict[str, torch.Tensor]) -> int:
     return len(serialize({k: v.detach().float().contiguous() for k, v in tensors.items()}, {}))
 
@@ -66,7 +59,12 @@ def run_baseline(
     progress: bool,
 ) -> BaselineRun:
     torch.manual_seed(options.seed)
-    y = {name: _targets(labels, split) for name, split in (("train", train), ("val", val), ("test", test))}
+    splits = {"train": train, "val": val, "test": test}
+    y = {name: _targets(labels, split) for name, split in splits.items()}
+    examples = {
+        name: text_examples(backbone.tokenize, split.texts, y[name], options.max_length)
+        for name, split in splits.items()
+    }
     model_copy = copy.deepcopy(backbone.model)
     classifier = EncoderClassifier(model_copy, backbone.hidden_size, len(labels))
     embeds = {
@@ -86,8 +84,8 @@ def run_baseline(
             p.requires_grad_(False)
         classifier.eval()
         return BaselineRun(
-            val_accuracy=_accuracy(classifier, backbone, val, y["val"], options.max_length),
-            test_accuracy=_accuracy(classifier, backbone, test, y["test"], options.max_length),
+            val_accuracy=evaluate(classifier, examples["val"])[0],
+            test_accuracy=evaluate(classifier, examples["test"])[0],
             trainable_params=0,
             head_params=head_params,
             artifact_bytes=_bytes(head_state),
@@ -110,20 +108,12 @@ def run_baseline(
         {"params": body, "lr": lr},
         {"params": list(classifier.head.parameters()), "lr": options.head_lr},
     ]
-    outcome = fit(
-        classifier,
-        groups,
-        backbone.tokenize,
-        (train.texts, y["train"]),
-        (val.texts, y["val"]),
-        options,
-        progress,
-    )
+    outcome = fit(classifier, groups, examples["train"], examples["val"], options, progress)
     trainable = sum(p.numel() for p in body)
     stored = {f"body.{i}": p for i, p in enumerate(body)} | head_state
     return BaselineRun(
         val_accuracy=outcome.val_accuracy,
-        test_accuracy=_accuracy(classifier, backbone, test, y["test"], options.max_length),
+        test_accuracy=evaluate(classifier, examples["test"])[0],
         trainable_params=trainable,
         head_params=head_params,
         artifact_bytes=_bytes(stored),
