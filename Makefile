@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint bank demo clean
+.PHONY: install system-deps run test lint bank demo clean
 
 $(STAMP): pyproject.toml tools/install.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
+system-deps:
+	bash tools/system-deps.sh
+
+test: lint system-deps
 	$(PY) -m pytest
 
 clean:

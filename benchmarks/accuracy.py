@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.baselines import mean_std, run_baseline
+from benchmarks.vision import VISION_TASKS, run_vision
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import TemplateBank, load_bank
 from recast_core.config import minilm_config
@@ -31,7 +32,8 @@ from recast_core.errors import BankError
 from recast_core.mimicry import mimic
 from recast_core.training import TrainOptions, prepare_splits, train_task
 
-TASKS = ("sms_spam", "trec", "movie_reviews", "tweet_sentiment")
+TEXT_TASKS = ("sms_spam", "trec", "movie_reviews", "tweet_sentiment")
+TASKS = TEXT_TASKS + VISION_TASKS
 METHODS = ("linear_probe", "recast", "recast_compressed", "lora_r8", "full_ft")
 BANKS = {"recast": minilm_config(), "recast_compressed": minilm_config(groups=1, templates=3)}
 LEARNING_RATES = {"recast": 2e-3, "recast_compressed": 2e-3, "lora_r8": 1e-3, "full_ft": 2e-5}
@@ -44,10 +46,11 @@ class Budget:
     epochs: int
     max_length: int
     seeds: tuple[int, ...]
+    pretrain: tuple[int, int | None]  # vision backbones: (epochs, examples) on Fashion-MNIST 0-4
 
 
-FULL = Budget(max_train=1000, max_eval=None, epochs=3, max_length=64, seeds=(0, 1, 2))
-QUICK = Budget(max_train=64, max_eval=96, epochs=1, max_length=32, seeds=(0,))
+FULL = Budget(max_train=1000, max_eval=None, epochs=3, max_length=64, seeds=(0, 1, 2), pretrain=(3, None))
+QUICK = Budget(max_train=64, max_eval=96, epochs=1, max_length=32, seeds=(0,), pretrain=(1, 1000))
 
 
 def _bank(name: str, backbone: TextBackbone, cache: Path) -> TemplateBank:
@@ -65,8 +68,26 @@ def _cap(data: LabelledTexts, cap: int | None) -> LabelledTexts:
 
 
 def run_one(
-    task: str, method: str, seed: int, backbone: TextBackbone, banks: dict[str, TemplateBank], budget: Budget
+    task: str,
+    method: str,
+    seed: int,
+    backbone: TextBackbone,
+    banks: dict[str, TemplateBank],
+    budget: Budget,
+    cache: Path,
 ) -> dict[str, Any]:
+    if task in VISION_TASKS:
+        return run_vision(
+            method,
+            task,
+            seed,
+            budget.max_train,
+            budget.epochs,
+            cache,
+            banks,
+            budget.pretrain,
+            budget.max_eval,
+        )
     splits = load_splits(task)
     options = TrainOptions(
         epochs=budget.epochs,
@@ -195,7 +216,7 @@ def main() -> None:
 
     plan = [p for p in _planned(tuple(args.tasks), tuple(args.methods), budget) if p not in done]
     for task, method, seed in tqdm(plan, desc="accuracy table", unit="run"):
-        row = run_one(task, method, seed, backbone, banks, budget)
+        row = run_one(task, method, seed, backbone, banks, budget, args.cache)
         runs.append(row)
         results_path.write_text(json.dumps({"budget": budget.__dict__, "runs": runs}, indent=1) + "\n")
         tqdm.write(json.dumps(row))

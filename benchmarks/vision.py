@@ -1,0 +1,193 @@
+"""The vision rows of the accuracy table: a small ViT (fused qkv) and a ResNet-style CNN, pretrained here on
+Fashion-MNIST classes 0-4 (cached), then adapted to other image tasks by every method.
+
+Task names are `TASK@BACKBONE`, e.g. `fashion_5_9@vit` or `digits@resnet`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recast_core.artifact import TaskArtifact, serialize
+from recast_core.bank import TemplateBank
+from recast_core.config import RecastConfig
+from recast_core.data import stratified_cap
+from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, linear_probe, tensor_examples
+from recast_core.image_data import ImageSet, ImageSplits, digits_splits, fashion_splits
+from recast_core.mimicry import mimic
+from recast_core.reparam import reparameterize
+from recast_core.vision import TinyResNet, TinyViT, resnet_config, vit_config
+
+BACKBONES: dict[str, tuple[Callable[..., TinyViT | TinyResNet], Callable[..., RecastConfig], list[str]]] = {
+    "vit": (TinyViT, vit_config, ["qkv", "proj", "fc1", "fc2"]),
+    "resnet": (TinyResNet, resnet_config, ["conv1", "conv2"]),
+}
+TASKS: dict[str, Callable[[], ImageSplits]] = {
+    "fashion_5_9": lambda: fashion_splits(range(5, 10)),
+    "digits": digits_splits,
+}
+VISION_TASKS = tuple(f"{task}@{backbone}" for backbone in BACKBONES for task in TASKS)
+LEARNING_RATES = {"recast": 1e-2, "recast_compressed": 1e-2, "lora_r8": 1e-3, "full_ft": 3e-4}
+
+
+Backbone = TinyViT | TinyResNet
+
+
+class FeatureClassifier(nn.Module):
+    def __init__(self, backbone: Backbone, num_labels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.head.in_features, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.features(x))
+
+
+def pretrained(
+    name: str, cache: Path, epochs: int = 3, max_examples: int | None = None, progress: bool = True
+) -> Backbone:
+    """The backbone pretrained on Fashion-MNIST classes 0-4; trained once, then loaded from `cache`."""
+    factory = BACKBONES[name][0]
+    torch.manual_seed(0)
+    model: Backbone = factory(num_classes=5)
+    path = cache / f"{name}-fashion0-4-e{epochs}-n{max_examples or 'all'}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    splits = fashion_splits(range(5))
+    if max_examples is not None:
+        labels = [str(int(t)) for t in splits.train.targets]
+        splits = ImageSplits(
+            splits.train.subset(stratified_cap(labels, max_examples, 0)), splits.val, splits.test
+        )
+    model.train()
+    examples = tensor_examples(splits.train.images, splits.train.targets)
+    val = tensor_examples(splits.val.images, splits.val.targets)
+    options = TrainOptions(
+        epochs=epochs, batch_size=128, lr=1e-3, head_lr=1e-3, weight_decay=1e-4, patience=epochs
+    )
+    fit(model, [{"params": list(model.parameters()), "lr": 1e-3}], examples, val, options, progress)
+    model.eval()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def _cap(images: ImageSet, cap: int | None, seed: int) -> ImageSet:
+    if cap is None or len(images) <= cap:
+        return images
+    return images.subset(stratified_cap([str(int(t)) for t in images.targets], cap, seed))
+
+
+def _features(model: Backbone, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.features(images[i : i + 512]) for i in range(0, len(images), 512)])
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return len(serialize({k: v.detach().float().contiguous() for k, v in tensors.items()}, {}))
+
+
+def run_vision(
+    method: str,
+    task: str,
+    seed: int,
+    max_train: int,
+    epochs: int,
+    cache: Path,
+    banks: dict[str, TemplateBank],
+    pretrain: tuple[int, int | None] = (3, None),
+    max_eval: int | None = None,
+) -> dict[str, Any]:
+    """One (task, method, seed) row; `pretrain` is (epochs, examples) of the cached backbone pretraining,
+    `max_eval` caps the validation and test splits (stratified; for smoke tests)."""
+    task_name, backbone_name = task.split("@")
+    _, make_config, lora_targets = BACKBONES[backbone_name]
+    base = pretrained(backbone_name, cache, *pretrain, progress=False)
+    key = f"{backbone_name}-{method}"
+    if method.startswith("recast") and key not in banks:
+        config = make_config(groups=2 if method == "recast" else 1, templates=2)
+        banks[key] = mimic(base, config, "svd", progress=False).bank
+    full = TASKS[task_name]()
+    splits = ImageSplits(
+        _cap(full.train, max_train, seed), _cap(full.val, max_eval, 0), _cap(full.test, max_eval, 0)
+    )
+    train = splits.train
+    options = TrainOptions(epochs=epochs, batch_size=64, seed=seed, lr=LEARNING_RATES.get(method, 1e-3))
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    classifier = FeatureClassifier(model, len(train.classes))
+    weight, bias, _, _ = linear_probe(
+        _features(model, train.images), train.targets.numpy(),
+        _features(model, splits.val.images), splits.val.targets.numpy(), len(train.classes), seed,
+    )  # fmt: skip
+    with torch.no_grad():
+        classifier.head.weight.copy_(weight)
+        classifier.head.bias.copy_(bias)
+    ex = {
+        name: tensor_examples(s.images, s.targets)
+        for name, s in (("train", train), ("val", splits.val), ("test", splits.test))
+    }
+    head = {"head.weight": classifier.head.weight, "head.bias": classifier.head.bias}
+    head_params = sum(p.numel() for p in classifier.head.parameters())
+    body: list[nn.Parameter] = []
+    outcome: FitOutcome | None = None
+    stored_bytes = _bytes(head)
+    if method in ("recast", "recast_compressed"):
+        reparam = reparameterize(model, banks[key])
+        body = list(reparam.coefficients)
+    elif method == "lora_r8":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets), model)
+        body = [p for n, p in model.named_parameters() if "lora_" in n]
+    elif method == "full_ft":
+        body = list(model.parameters())
+    elif method != "linear_probe":
+        raise ValueError(f"unknown method {method!r}")
+    for p in body:
+        p.requires_grad_(True)
+    classifier.eval()  # frozen BatchNorm statistics and no dropout for every method
+    if body:
+        groups = [
+            {"params": body, "lr": options.lr},
+            {"params": list(classifier.head.parameters()), "lr": 1e-3},
+        ]
+        outcome = fit(classifier, groups, ex["train"], ex["val"], options, progress=False)
+    if method.startswith("recast"):
+        artifact = TaskArtifact(
+            coefficients=reparam.collapsed().float(),
+            head_weight=classifier.head.weight.detach().clone(),
+            head_bias=classifier.head.bias.detach().clone(),
+            labels=train.classes,
+            bank_fingerprint=banks[key].fingerprint,
+        )
+        stored_bytes = len(artifact.to_bytes())
+    elif body:
+        stored_bytes = _bytes({f"body.{i}": p for i, p in enumerate(body)} | head)
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "test_accuracy": evaluate(classifier, ex["test"])[0],
+        "val_accuracy": outcome.val_accuracy if outcome else evaluate(classifier, ex["val"])[0],
+        "trainable_params": sum(p.numel() for p in body),
+        "stored_params": sum(p.numel() for p in body)
+        // (banks[key].config.coeff_sets if method.startswith("recast") else 1),
+        "head_params": head_params,
+        "artifact_bytes": stored_bytes,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }

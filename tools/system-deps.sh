@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# System packages the test suite reads: Fashion-MNIST (Debian package dataset-fashion-mnist).
+# Installs what is missing with apt-get (needs root or sudo); does nothing when all is present.
+set -euo pipefail
+missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
