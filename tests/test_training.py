@@ -105,3 +105,24 @@ def test_training_refuses_bad_splits(
     rare = trec.train.subset([0, 1, 2, 3, *[i for i, y in enumerate(trec.train.labels) if y == "ABBR"][:1]])
     with pytest.raises(DataError):
         train_task(backbone, default_bank, rare, progress=False)
+
+
+def test_training_another_task_forgets_nothing(
+    backbone: TextBackbone, default_bank: TemplateBank, trec: Splits
+) -> None:
+    """Tasks share the bank and the backbone; training a second task must leave the first bit-identical."""
+    from recast_core.datasets import load_splits
+
+    options = TrainOptions(epochs=1, max_train_examples=128, seed=0)
+    probe_texts = list(trec.test.texts[:64])
+    first = train_task(backbone, default_bank, trec.train, options=options, progress=False).artifact
+    before = TextTaskModel.from_artifact(backbone, default_bank, first).logits(probe_texts)
+    templates = {k: v.clone() for k, v in default_bank.templates.items()}
+    backbone_state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    spam = load_splits("sms_spam")
+    second = train_task(backbone, default_bank, spam.train, options=options, progress=False).artifact
+    assert second.labels == ("ham", "spam")
+    after = TextTaskModel.from_artifact(backbone, default_bank, first).logits(probe_texts)
+    assert torch.equal(before, after)
+    assert all(torch.equal(templates[k], default_bank.templates[k]) for k in templates)
+    assert all(torch.equal(backbone_state[k], v) for k, v in backbone.model.state_dict().items())
