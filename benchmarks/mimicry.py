@@ -63,7 +63,7 @@ def table(rows: list[dict[str, object]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['method']} | {r['seconds']} | {r['output_cosine']:.8f} / "
-            f"{r['output_cosine_min']:.8f} | {r['max_relative_error']:.4g} | {r['mean_relative_error']:.4g} "
+            f"{r['output_cosine_min']:.8f} | {r['max_relative_error']:.6g} | {r['mean_relative_error']:.4g} "
             f"| {r['coefficients_per_task']} | {r['bank_mib']} |"
         )
     return "\n".join(lines)
