@@ -12,7 +12,7 @@ from torch import nn
 from recast_core.artifact import serialize
 from recast_core.backbone import SentenceEncoder, TextBackbone
 from recast_core.data import LabelledTexts
-from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, linear_probe, text_examples
+from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, probe_head, text_examples
 
 # the modules RECAST reparameterizes, named for PEFT
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -43,7 +43,8 @@ def _targets(labels: list[str], data: LabelledTexts) -> torch.Tensor:
     return torch.tensor([index[y] for y in data.labels])
 
 
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of the tensors as one float32 safetensors file: what a method stores per task."""
     return len(serialize({k: v.detach().float().contiguous() for k, v in tensors.items()}, {}))
 
 
@@ -71,12 +72,7 @@ def run_baseline(
         name: backbone.embed(split.texts, max_length=options.max_length)
         for name, split in (("train", train), ("val", val))
     }
-    weight, bias, _, _ = linear_probe(
-        embeds["train"], y["train"].numpy(), embeds["val"], y["val"].numpy(), len(labels), options.seed
-    )
-    with torch.no_grad():
-        classifier.head.weight.copy_(weight)
-        classifier.head.bias.copy_(bias)
+    probe_head(classifier.head, embeds["train"], y["train"], embeds["val"], y["val"], options.seed)
     head_params = sum(p.numel() for p in classifier.head.parameters())
     head_state = {f"head.{k}": v for k, v in classifier.head.state_dict().items()}
     if method == "linear_probe":
@@ -88,7 +84,7 @@ def run_baseline(
             test_accuracy=evaluate(classifier, examples["test"])[0],
             trainable_params=0,
             head_params=head_params,
-            artifact_bytes=_bytes(head_state),
+            artifact_bytes=stored_bytes(head_state),
             outcome=None,
         )
     if method == "lora_r8":
@@ -116,7 +112,7 @@ def run_baseline(
         test_accuracy=evaluate(classifier, examples["test"])[0],
         trainable_params=trainable,
         head_params=head_params,
-        artifact_bytes=_bytes(stored),
+        artifact_bytes=stored_bytes(stored),
         outcome=outcome,
     )
 

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from recast_core.artifact import TaskArtifact, serialize
+from benchmarks.baselines import stored_bytes
+from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from recast_core.config import RecastConfig
 from recast_core.data import stratified_cap
-from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, linear_probe, tensor_examples
+from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, probe_head, tensor_examples
 from recast_core.image_data import ImageSet, ImageSplits, digits_splits, fashion_splits
 from recast_core.mimicry import mimic
 from recast_core.reparam import reparameterize
@@ -94,10 +95,6 @@ def _features(model: Backbone, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([model.features(images[i : i + 512]) for i in range(0, len(images), 512)])
 
 
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return len(serialize({k: v.detach().float().contiguous() for k, v in tensors.items()}, {}))
-
-
 def run_vision(
     method: str,
     task: str,
@@ -130,13 +127,8 @@ def run_vision(
     for p in model.parameters():
         p.requires_grad_(False)
     classifier = FeatureClassifier(model, len(train.classes))
-    weight, bias, _, _ = linear_probe(
-        _features(model, train.images), train.targets.numpy(),
-        _features(model, splits.val.images), splits.val.targets.numpy(), len(train.classes), seed,
-    )  # fmt: skip
-    with torch.no_grad():
-        classifier.head.weight.copy_(weight)
-        classifier.head.bias.copy_(bias)
+    train_x, val_x = _features(model, train.images), _features(model, splits.val.images)
+    probe_head(classifier.head, train_x, train.targets, val_x, splits.val.targets, seed)
     ex = {
         name: tensor_examples(s.images, s.targets)
         for name, s in (("train", train), ("val", splits.val), ("test", splits.test))
@@ -145,7 +137,7 @@ def run_vision(
     head_params = sum(p.numel() for p in classifier.head.parameters())
     body: list[nn.Parameter] = []
     outcome: FitOutcome | None = None
-    stored_bytes = _bytes(head)
+    size = stored_bytes(head)
     if method in ("recast", "recast_compressed"):
         reparam = reparameterize(model, banks[key])
         body = list(reparam.coefficients)
@@ -175,9 +167,9 @@ def run_vision(
             labels=train.classes,
             bank_fingerprint=banks[key].fingerprint,
         )
-        stored_bytes = len(artifact.to_bytes())
+        size = len(artifact.to_bytes())
     elif body:
-        stored_bytes = _bytes({f"body.{i}": p for i, p in enumerate(body)} | head)
+        size = stored_bytes({f"body.{i}": p for i, p in enumerate(body)} | head)
     return {
         "task": task,
         "method": method,
@@ -188,6 +180,6 @@ def run_vision(
         "stored_params": sum(p.numel() for p in body)
         // (banks[key].config.coeff_sets if method.startswith("recast") else 1),
         "head_params": head_params,
-        "artifact_bytes": stored_bytes,
+        "artifact_bytes": size,
         "train_seconds": round(time.perf_counter() - start, 2),
     }

@@ -161,32 +161,35 @@ def fit(
     return FitOutcome(history=history, best_epoch=best[2], val_accuracy=best[0])
 
 
-def linear_probe(
+def probe_head(
+    head: nn.Linear,
     train_x: torch.Tensor,
-    train_y: np.ndarray,
+    train_y: torch.Tensor,
     val_x: torch.Tensor,
-    val_y: np.ndarray,
-    num_labels: int,
+    val_y: torch.Tensor,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Logistic regression on frozen embeddings, C chosen on validation.
+) -> tuple[float, float]:
+    """Fit a logistic regression on frozen features (C chosen on validation) and load it into `head`.
 
-    Returns (W (C, H), b (C,), chosen C, validation accuracy)."""
+    Returns (chosen C, validation accuracy of the probe)."""
     best: tuple[float, float, LogisticRegression] | None = None
     for c in PROBE_C_GRID:
         clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-        clf.fit(train_x.numpy(), train_y)
-        acc = float((clf.predict(val_x.numpy()) == val_y).mean())
+        clf.fit(train_x.numpy(), train_y.numpy())
+        acc = float((clf.predict(val_x.numpy()) == val_y.numpy()).mean())
         if best is None or acc > best[0]:
             best = (acc, c, clf)
     assert best is not None
     acc, c, clf = best
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)
     intercept = torch.as_tensor(clf.intercept_, dtype=torch.float32)
-    if num_labels == 2 and coef.shape[0] == 1:  # binary: one logit -> two softmax logits
+    if head.out_features == 2 and coef.shape[0] == 1:  # binary: one logit -> two softmax logits
         coef = torch.cat([-coef / 2, coef / 2])
         intercept = torch.cat([-intercept / 2, intercept / 2])
-    return coef, intercept, c, acc
+    with torch.no_grad():
+        head.weight.copy_(coef)
+        head.bias.copy_(intercept)
+    return c, acc
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

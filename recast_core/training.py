@@ -19,7 +19,7 @@ from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.data import LabelledTexts, require_classes, stratified_cap, stratified_split
 from recast_core.errors import DataError
-from recast_core.fitting import TrainOptions, evaluate, fit, linear_probe, text_examples
+from recast_core.fitting import TrainOptions, evaluate, fit, probe_head, text_examples
 from recast_core.task_model import TextTaskModel
 
 __all__ = ["TrainOptions", "TrainResult", "prepare_splits", "train_task"]
@@ -80,12 +80,7 @@ def train_task(
         )
         for split in (train, val)
     )
-    weight, bias, probe_c, probe_val = linear_probe(
-        train_x, train_y.numpy(), val_x, val_y.numpy(), len(labels), options.seed
-    )
-    with torch.no_grad():
-        model.head.weight.copy_(weight)
-        model.head.bias.copy_(bias)
+    probe_c, probe_val = probe_head(model.head, train_x, train_y, val_x, val_y, options.seed)
 
     groups = [
         {"params": list(model.reparam.coefficients), "lr": options.lr},
