@@ -194,6 +194,21 @@ def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _resume(path: Path, budget: Budget) -> list[dict[str, Any]]:
+    """Finished runs of an earlier, interrupted table; only when it used the same budget."""
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(budget.__dict__))
+    if stored.get("budget") != wanted:
+        raise SystemExit(
+            f"{path} was produced with budget {stored.get('budget')}, not {wanted}; "
+            "move it away to start afresh"
+        )
+    runs: list[dict[str, Any]] = stored["runs"]
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,7 +222,7 @@ def main() -> None:
     budget = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
-    runs: list[dict[str, Any]] = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    runs = _resume(results_path, budget)
     done = {(r["task"], r["method"], r["seed"]) for r in runs}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_text_backbone()
