@@ -34,9 +34,22 @@ from recast_core.training import TrainOptions, prepare_splits, train_task
 
 TEXT_TASKS = ("sms_spam", "trec", "movie_reviews", "tweet_sentiment")
 TASKS = TEXT_TASKS + VISION_TASKS
-METHODS = ("linear_probe", "recast", "recast_compressed", "lora_r8", "full_ft")
-BANKS = {"recast": minilm_config(), "recast_compressed": minilm_config(groups=1, templates=3)}
-LEARNING_RATES = {"recast": 2e-3, "recast_compressed": 2e-3, "lora_r8": 1e-3, "full_ft": 2e-5}
+METHODS = ("linear_probe", "recast", "recast_compressed", "recast_wide", "lora_r8", "full_ft")
+# recast: the paper's method on the default bank (the reference row); recast_compressed: fewer templates
+# than layers in the one group; recast_wide (gap-closing extension): one group spanning all 6 layers with
+# 6 templates, so every layer mixes every layer's template (6 coefficients per module instead of 2).
+BANKS = {
+    "recast": minilm_config(),
+    "recast_compressed": minilm_config(groups=1, templates=3),
+    "recast_wide": minilm_config(groups=1, templates=6),
+}
+LEARNING_RATES = {
+    "recast": 2e-3,
+    "recast_compressed": 2e-3,
+    "recast_wide": 2e-3,
+    "lora_r8": 1e-3,
+    "full_ft": 2e-5,
+}
 
 
 @dataclass(frozen=True)

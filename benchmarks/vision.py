@@ -36,7 +36,15 @@ TASKS: dict[str, Callable[[], ImageSplits]] = {
     "digits": digits_splits,
 }
 VISION_TASKS = tuple(f"{task}@{backbone}" for backbone in BACKBONES for task in TASKS)
-LEARNING_RATES = {"recast": 1e-2, "recast_compressed": 1e-2, "lora_r8": 1e-3, "full_ft": 3e-4}
+LEARNING_RATES = {
+    "recast": 1e-2,
+    "recast_compressed": 1e-2,
+    "recast_wide": 1e-2,
+    "lora_r8": 1e-3,
+    "full_ft": 3e-4,
+}
+# (groups, templates per group) of each RECAST bank on the 4-block backbones
+BANK_SHAPES = {"recast": (2, 2), "recast_compressed": (1, 2), "recast_wide": (1, 4)}
 
 
 Backbone = TinyViT | TinyResNet
@@ -112,8 +120,9 @@ def run_vision(
     _, make_config, lora_targets = BACKBONES[backbone_name]
     base = pretrained(backbone_name, cache, *pretrain, progress=False)
     key = f"{backbone_name}-{method}"
-    if method.startswith("recast") and key not in banks:
-        config = make_config(groups=2 if method == "recast" else 1, templates=2)
+    if method in BANK_SHAPES and key not in banks:
+        groups, templates = BANK_SHAPES[method]
+        config = make_config(groups=groups, templates=templates)
         banks[key] = mimic(base, config, "svd", progress=False).bank
     full = TASKS[task_name]()
     splits = ImageSplits(
@@ -138,7 +147,7 @@ def run_vision(
     body: list[nn.Parameter] = []
     outcome: FitOutcome | None = None
     size = stored_bytes(head)
-    if method in ("recast", "recast_compressed"):
+    if method in BANK_SHAPES:
         reparam = reparameterize(model, banks[key])
         body = list(reparam.coefficients)
     elif method == "lora_r8":
