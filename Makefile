@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 $(STAMP): pyproject.toml tools/install.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) tools/install.py dev bench
+	$(PY) tools/install.py dev bench triton
 	touch $@
 
 install: $(STAMP)
@@ -28,7 +28,7 @@ $(BANK)/bank.safetensors: | $(STAMP)
 bank: $(BANK)/bank.safetensors
 
 # Main job: mimic the default backbone (cached), train a demo task on real data, print its accuracy.
-run: $(BANK)/bank.safetensors
+run: system-deps $(BANK)/bank.safetensors
 	$(RECAST) datasets export trec --out $(DEMO)/trec
 	$(RECAST) train --bank $(BANK) --data $(DEMO)/trec/train.csv --val-data $(DEMO)/trec/val.csv \
 		--test-data $(DEMO)/trec/test.csv \

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sections import replace_section
 from recast_core.backbone import load_text_backbone
 from recast_core.config import minilm_config
 from recast_core.mimicry import PaperSchedule, mimic
@@ -24,8 +25,6 @@ CONFIGS = {
     "compressed (G=1, n=3, K=2)": minilm_config(groups=1, templates=3),
     "compressed (G=3, n=1, K=2)": minilm_config(groups=3, templates=1),
 }
-BEGIN = "<!-- mimicry:begin -->"
-END = "<!-- mimicry:end -->"
 
 
 def run(iterations: int) -> list[dict[str, object]]:
@@ -69,16 +68,6 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,7 +84,7 @@ def main() -> None:
     )
     print(body)
     if args.write:
-        write(args.write, body)
+        replace_section(args.write, "mimicry", body)
     if args.json:
         print(json.dumps(rows))
 

@@ -121,8 +121,8 @@ def run_vision(
     base = pretrained(backbone_name, cache, *pretrain, progress=False)
     key = f"{backbone_name}-{method}"
     if method in BANK_SHAPES and key not in banks:
-        groups, templates = BANK_SHAPES[method]
-        config = make_config(groups=groups, templates=templates)
+        num_groups, num_templates = BANK_SHAPES[method]
+        config = make_config(groups=num_groups, templates=num_templates)
         banks[key] = mimic(base, config, "svd", progress=False).bank
     full = TASKS[task_name]()
     splits = ImageSplits(

@@ -1,5 +1,23 @@
-"""Pure tensor ops for composing task weights from templates. Imports nothing from recast_core or server."""
+"""Pure tensor ops for composing task weights from templates. Imports nothing from recast_core or server.
 
-from kernels.reference import compose, segmented_template_linear
+`segmented_template_linear` is the contract; `Kernels` binds it to one path chosen at startup; the torch
+references live in `kernels.reference`, the Triton kernels in `kernels.triton_kernels` (imported lazily,
+triton is optional on CPU hosts).
+"""
 
-__all__ = ["compose", "segmented_template_linear"]
+from kernels.dispatch import KernelPath, Kernels, KernelUnavailable, segmented_template_linear, select_path
+from kernels.reference import compose
+from kernels.segments import Segments, segments_of
+from kernels.weight_cache import ComposedWeightCache
+
+__all__ = [
+    "ComposedWeightCache",
+    "KernelPath",
+    "KernelUnavailable",
+    "Kernels",
+    "Segments",
+    "compose",
+    "segmented_template_linear",
+    "segments_of",
+    "select_path",
+]

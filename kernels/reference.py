@@ -1,8 +1,15 @@
-"""Torch reference implementations: the semantics every faster path must reproduce."""
+"""Torch references: the semantics every faster path must reproduce, one per kernel, same signatures.
+
+All three linear functions compute the same thing (the contract of `segmented_template_linear`); the
+strategy references spell out how the matching Triton kernel computes it, so a test can compare both.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from kernels.checks import check_linear_args
+from kernels.segments import segments_of
 
 
 def compose(templates: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -27,7 +34,7 @@ def segmented_template_linear(
     coeffs: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Per-row task linear layer.
+    """Per-row task linear layer (the contract).
 
     x: (T, in)   slot: (T,) int   templates: (n, out, in)   coeffs: (S, n)   bias: (out,) or None
         for t in range(T):
@@ -35,12 +42,55 @@ def segmented_template_linear(
             y[t] = x[t] @ W^T + bias
     returns y: (T, out)
     """
-    if x.ndim != 2 or templates.ndim != 3 or x.shape[1] != templates.shape[2]:
-        raise ValueError(f"x {tuple(x.shape)} does not fit templates {tuple(templates.shape)}")
-    if slot.shape != (x.shape[0],):
-        raise ValueError(f"slot must be ({x.shape[0]},), got {tuple(slot.shape)}")
+    check_linear_args(x, slot, templates, coeffs, bias)
     weights = compose(templates, coeffs)  # (S, out, in)
-    y = torch.bmm(weights[slot], x.unsqueeze(-1)).squeeze(-1)  # (T, out)
+    y = torch.bmm(weights[slot.long()], x.unsqueeze(-1)).squeeze(-1)  # (T, out)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def fused_segmented_linear(
+    x: torch.Tensor,
+    slot: torch.Tensor,
+    templates: torch.Tensor,
+    coeffs: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Strategy (a): rows grouped by slot, one composed weight and one GEMM per group.
+
+    for each run of rows sharing slot s (rows sorted by slot):
+        y[rows] = x[rows] @ (sum_i coeffs[s, i] * templates[i])^T + bias
+    """
+    check_linear_args(x, slot, templates, coeffs, bias)
+    seg = segments_of(slot)
+    xs = x if seg.order is None else x[seg.order]
+    y = x.new_empty(x.shape[0], templates.shape[1])
+    starts = seg.starts.tolist()
+    for j, s in enumerate(seg.slots.tolist()):
+        weight = compose(templates, coeffs[s : s + 1])[0]
+        y[starts[j] : starts[j + 1]] = torch.nn.functional.linear(xs[starts[j] : starts[j + 1]], weight, bias)
+    if seg.order is not None:
+        y = torch.empty_like(y).index_copy_(0, seg.order, y)
+    return y
+
+
+def template_space_linear(
+    x: torch.Tensor,
+    slot: torch.Tensor,
+    templates: torch.Tensor,
+    coeffs: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Strategy (b): one GEMM against all n templates, then a per-row mix (n x the FLOPs, no sorting).
+
+    z[t, i] = x[t] @ templates[i]^T                      # (T, n, out)
+    y[t]    = sum_i coeffs[slot[t], i] * z[t, i] + bias
+    """
+    check_linear_args(x, slot, templates, coeffs, bias)
+    n, out, in_features = templates.shape
+    z = (x @ templates.reshape(n * out, in_features).T).view(-1, n, out)
+    y = torch.einsum("tn,tno->to", coeffs.to(z.dtype)[slot.long()], z)
     if bias is not None:
         y = y + bias
     return y

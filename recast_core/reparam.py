@@ -56,12 +56,8 @@ def planned_weight_names(plan: ModulePlan) -> list[str]:
     return [f"{name}.weight" for kp in plan.kinds for row in kp.modules for name in row]
 
 
-def reparameterize(model: nn.Module, bank: TemplateBank, *, check_backbone: bool = True) -> Reparameterized:
-    """Replace the bank's modules in `model` (in place), freeze everything else, load base coefficients.
-
-    The model must have the layout the bank was mimicked from; with check_backbone the remaining weights
-    (embeddings, norms, biases, ...) must also be the ones the bank was built with.
-    """
+def matching_plan(model: nn.Module, bank: TemplateBank, *, check_backbone: bool = True) -> ModulePlan:
+    """The bank's plan on `model`; BankError unless the layout (and, checked, the other weights) match."""
     plan = resolve_plan(model, bank.config)
     layout = plan.describe()
     if layout != bank.layout:
@@ -76,6 +72,16 @@ def reparameterize(model: nn.Module, bank: TemplateBank, *, check_backbone: bool
                 f"the bank was built from another backbone (expected backbone fingerprint "
                 f"{bank.backbone_fingerprint[:16]}..., found {found[:16]}...)"
             )
+    return plan
+
+
+def reparameterize(model: nn.Module, bank: TemplateBank, *, check_backbone: bool = True) -> Reparameterized:
+    """Replace the bank's modules in `model` (in place), freeze everything else, load base coefficients.
+
+    The model must have the layout the bank was mimicked from; with check_backbone the remaining weights
+    (embeddings, norms, biases, ...) must also be the ones the bank was built with.
+    """
+    plan = matching_plan(model, bank, check_backbone=check_backbone)
     for param in model.parameters():
         param.requires_grad_(False)
     named = dict(model.named_modules())

@@ -1,0 +1,146 @@
+"""Pick the kernel path once at startup: CUDA -> Triton, CPU -> torch fast path; RECAST_KERNEL forces one.
+
+    RECAST_KERNEL=reference  the torch reference (slow; for debugging and as ground truth)
+    RECAST_KERNEL=torch      CPU fast path: composed-weight cache + compiled fused kernel (kernels.torch_path)
+    RECAST_KERNEL=triton     Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1 for tests)
+
+Within the Triton path the strategy is picked per call by shape: runs of at least `block_m // 2` rows on
+average go to the fused segmented GEMM, shorter runs (many tasks, few rows each) to template space.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Sequence
+from enum import StrEnum
+
+import torch
+
+from kernels import reference
+from kernels.checks import check_linear_args
+from kernels.segments import Segments, segments_of
+from kernels.weight_cache import ComposedWeightCache
+
+log = logging.getLogger(__name__)
+ENV_VAR = "RECAST_KERNEL"
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class KernelPath(StrEnum):
+    REFERENCE = "reference"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+class KernelUnavailable(RuntimeError):
+    """The requested kernel path cannot run on this machine."""
+
+
+def select_path(device: torch.device, requested: str | None = None) -> KernelPath:
+    """The path for `device`; `requested` (default: $RECAST_KERNEL) overrides the device's choice."""
+    requested = requested if requested is not None else os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        try:
+            path = KernelPath(requested.strip().lower())
+        except ValueError:
+            choices = ", ".join(p.value for p in KernelPath)
+            raise KernelUnavailable(f"{ENV_VAR}={requested!r} is not one of {choices}") from None
+    else:
+        path = KernelPath.TRITON if device.type == "cuda" else KernelPath.TORCH
+    if path is KernelPath.TRITON:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not interpreted:
+            raise KernelUnavailable("the triton path needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise KernelUnavailable(f"the triton path needs the triton package: {exc}") from None
+    if path is KernelPath.TORCH and device.type != "cpu":
+        raise KernelUnavailable(f"the torch fast path serves CPU tensors, not {device.type}")
+    return path
+
+
+class Kernels:
+    """The segmented template linear on one device through one path, chosen once."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        path: KernelPath | str | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.device = torch.device(device)
+        self.path = select_path(self.device, None if path is None else str(path))
+        self.cache = ComposedWeightCache(cache_bytes)
+        self._torch = None
+        self._triton_config = None
+        detail = ""
+        if self.path is KernelPath.TORCH:
+            from kernels.torch_path import TorchPath
+
+            self._torch = TorchPath(self.cache)
+            detail = "fused compiled kernel" if self._torch.extension is not None else "per-task compose"
+        elif self.path is KernelPath.TRITON:
+            from kernels.triton_kernels import launch_config
+
+            self._triton_config = launch_config(self.device)
+            detail = str(self._triton_config)
+        log.info("kernel path selected", extra={"kernel_path": self.path.value, "detail": detail})
+        self.detail = detail
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        slot: torch.Tensor,
+        templates: torch.Tensor,
+        coeffs: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        segments: Segments | None = None,
+        cache_keys: Sequence[Hashable] | None = None,
+    ) -> torch.Tensor:
+        """y[t] = x[t] @ (sum_i coeffs[slot[t], i] * templates[i])^T + bias (see segmented_template_linear).
+
+        `segments` (the layout of `slot`, shared by every layer of one batch) saves recomputing it;
+        `cache_keys[s]` names slot s's composed weight in the cache (immutable inputs only).
+        """
+        if self.path is KernelPath.REFERENCE:
+            return reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+        if segments is None:
+            check_linear_args(x, slot, templates, coeffs, bias)
+            segments = segments_of(slot)
+        if self._torch is not None:
+            return self._torch.linear(x, segments, templates, coeffs, bias, cache_keys)
+        from kernels import triton_kernels
+
+        assert self._triton_config is not None
+        if segments.count and x.shape[0] / segments.count < self._triton_config.block_m // 2:
+            return triton_kernels.template_space_linear(x, slot, templates, coeffs, bias, self._triton_config)
+        return triton_kernels.fused_segmented_linear(
+            x, slot, templates, coeffs, bias, self._triton_config, segments
+        )
+
+
+_default: dict[str, Kernels] = {}
+
+
+def segmented_template_linear(
+    x: torch.Tensor,
+    slot: torch.Tensor,
+    templates: torch.Tensor,
+    coeffs: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-row task linear layer through the path chosen for x's device.
+
+    x: (T, in)   slot: (T,) int   templates: (n, out, in)   coeffs: (S, n)   bias: (out,) or None
+        for t in range(T):
+            W = sum_i coeffs[slot[t], i] * templates[i]      # (out, in)
+            y[t] = x[t] @ W^T + bias
+    returns y: (T, out)
+    """
+    key = str(x.device)
+    if key not in _default:
+        _default[key] = Kernels(x.device)
+    return _default[key].linear(x, slot, templates, coeffs, bias)

@@ -1,0 +1,173 @@
+"""One encoder serving many tasks in one batch: every planned Linear mixes the bank's templates with the
+coefficients of the task each sequence belongs to, through the kernel path chosen at startup.
+
+    embeddings = MultiTaskEncoder(backbone, bank, kernels)(input_ids, attention_mask, task_of_sequence,
+                                                           coefficients (S, M, n), cache_keys)
+
+Sequences are sorted by task on entry (rows of one task are then contiguous in every layer, one segment
+layout serves all layers) and put back in input order on exit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import overload
+
+import torch
+from torch import nn
+
+from kernels import Kernels, Segments, segments_of
+from recast_core.backbone import SentenceEncoder, TextBackbone
+from recast_core.bank import TemplateBank
+from recast_core.errors import PlanError
+from recast_core.reparam import matching_plan
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Routing of one forward: coefficient table per module and the row layout of the sorted sequences."""
+
+    table: torch.Tensor  # (M, S, n) float32, table[m] contiguous
+    sequence_slots: torch.Tensor  # (B,) slots of the sorted sequences
+    sequence_segments: Segments  # runs of sequences per slot (order is None: already sorted)
+    keys: Sequence[Hashable] | None
+    _rows: dict[int, tuple[torch.Tensor, Segments]] = field(default_factory=dict)
+
+    def rows(self, length: int) -> tuple[torch.Tensor, Segments]:
+        """Per-row slots and segments when every sequence has `length` rows (computed once per length)."""
+        if length not in self._rows:
+            seg = self.sequence_segments
+            self._rows[length] = (
+                self.sequence_slots.repeat_interleave(length),
+                Segments(None, seg.starts * length, seg.slots),
+            )
+        return self._rows[length]
+
+
+class _LayerKeys(Sequence[Hashable]):
+    """cache_keys for one layer: (layer, task key) pairs, built only when looked up."""
+
+    def __init__(self, layer: int, keys: Sequence[Hashable]) -> None:
+        self.layer, self.keys = layer, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> Hashable: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Hashable]: ...
+    def __getitem__(self, index: int | slice) -> Hashable | Sequence[Hashable]:
+        if isinstance(index, slice):
+            return [(self.layer, k) for k in self.keys[index]]
+        return (self.layer, self.keys[index])
+
+
+class _Router:
+    def __init__(self, kernels: Kernels) -> None:
+        self.kernels = kernels
+        self.batch: _Batch | None = None
+
+
+class SlotLinear(nn.Module):
+    """nn.Linear whose weight is the current batch's per-task template mix (coefficient row `module`)."""
+
+    templates: torch.Tensor
+
+    def __init__(
+        self, templates: torch.Tensor, bias: torch.Tensor | None, module: int, layer: int, router: _Router
+    ) -> None:
+        super().__init__()
+        self.register_buffer("templates", templates, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.module, self.layer, self.router = module, layer, router
+        self.in_features, self.out_features = int(templates.shape[2]), int(templates.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.router.batch
+        if batch is None:
+            raise RuntimeError("SlotLinear called outside MultiTaskEncoder.forward")
+        rows = x.reshape(-1, self.in_features)
+        slot, segments = batch.rows(rows.shape[0] // max(1, batch.sequence_slots.numel()))
+        keys = None if batch.keys is None else _LayerKeys(self.layer, batch.keys)
+        y = self.router.kernels.linear(
+            rows,
+            slot,
+            self.templates,
+            batch.table[self.module],
+            self.bias,
+            segments=segments,
+            cache_keys=keys,
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class MultiTaskEncoder(nn.Module):
+    """A private copy of the backbone whose planned Linears serve any mix of tasks in one forward."""
+
+    def __init__(self, backbone: TextBackbone, bank: TemplateBank, kernels: Kernels) -> None:
+        super().__init__()
+        model = copy.deepcopy(backbone.model)
+        plan = matching_plan(model, bank)
+        self.router = _Router(kernels)
+        named = dict(model.named_modules())
+        module_index, layer_index = 0, 0
+        for kp in plan.kinds:
+            for position, row in enumerate(kp.modules):
+                templates = bank.template(kp.kind.name, kp.group_of(position))
+                for name, (r0, r1) in zip(row, kp.rows, strict=True):
+                    old = named[name]
+                    if not isinstance(old, nn.Linear):
+                        kind = type(old).__name__
+                        raise PlanError([f"serving supports nn.Linear modules only; {name} is {kind}"])
+                    new = SlotLinear(templates[:, r0:r1], old.bias, module_index, layer_index, self.router)
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, new)
+                    layer_index += 1
+                module_index += 1
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.encoder = SentenceEncoder(model).eval()
+        self.num_modules = module_index
+        self.num_templates = bank.num_templates
+        self.base_coefficients = bank.base_coefficients.mean(dim=1).to(torch.float32)  # (M, n)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_of_sequence: torch.Tensor,
+        coefficients: torch.Tensor,
+        cache_keys: Sequence[Hashable] | None = None,
+    ) -> torch.Tensor:
+        """(B, H) embeddings; sequence b uses coefficients[task_of_sequence[b]] ((S, M, n) table)."""
+        m, n = self.num_modules, self.num_templates
+        if coefficients.ndim != 3 or coefficients.shape[1:] != (m, n):
+            raise ValueError(f"coefficients must be (S, {m}, {n}), got {tuple(coefficients.shape)}")
+        if task_of_sequence.shape != (input_ids.shape[0],):
+            raise ValueError(
+                f"task_of_sequence must be ({input_ids.shape[0]},), got {tuple(task_of_sequence.shape)}"
+            )
+        if cache_keys is not None and len(cache_keys) != coefficients.shape[0]:
+            raise ValueError("cache_keys needs one key per coefficient row")
+        slots = task_of_sequence.to(torch.int64)
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= coefficients.shape[0]):
+            raise ValueError(f"task_of_sequence values must lie in [0, {coefficients.shape[0]})")
+        order = torch.sort(slots, stable=True).indices
+        sorted_slots = slots[order]
+
+        batch = _Batch(
+            table=coefficients.to(torch.float32).permute(1, 0, 2).contiguous(),
+            sequence_slots=sorted_slots,
+            sequence_segments=segments_of(sorted_slots),
+            keys=cache_keys,
+        )
+        self.router.batch = batch
+        try:
+            embeddings = self.encoder(input_ids[order], attention_mask[order])
+        finally:
+            self.router.batch = None
+        return torch.empty_like(embeddings).index_copy_(0, order, embeddings)

@@ -1,0 +1,132 @@
+"""The CPU serving path (compiled fused kernel, per-task fallback, weight cache) and the dispatcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import (
+    ComposedWeightCache,
+    KernelPath,
+    Kernels,
+    KernelUnavailable,
+    reference,
+    segments_of,
+    select_path,
+)
+from kernels.segments import Segments
+from kernels.torch_path import TorchPath
+
+SHAPES = [(384, 384), (1152, 384), (1536, 384), (384, 1536), (37, 50)]
+
+
+def _problem(
+    out: int, in_features: int, rows: int, num_slots: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(rows, in_features, generator=gen),
+        torch.randint(0, num_slots, (rows,), generator=gen),
+        torch.randn(2, out, in_features, generator=gen) / in_features**0.5,
+        torch.randn(num_slots, 2, generator=gen),
+        torch.randn(out, generator=gen),
+    )
+
+
+@pytest.fixture(scope="module")
+def fused() -> TorchPath:
+    path = TorchPath(ComposedWeightCache(1 << 24))
+    assert path.extension is not None, "the compiled CPU kernel must build on the test machine"
+    return path
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("layout", ["random", "sorted", "one_task", "all_different"])
+def test_compiled_kernel_matches_reference(fused: TorchPath, shape: tuple[int, int], layout: str) -> None:
+    x, slot, templates, coeffs, bias = _problem(*shape, rows=300, num_slots=7)
+    if layout == "sorted":
+        slot = torch.sort(slot).values
+    elif layout == "one_task":
+        slot = torch.full_like(slot, 4)
+    elif layout == "all_different":
+        x, slot = x[:7], torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+    got = fused.linear(x, segments_of(slot), templates, coeffs, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    no_bias = fused.linear(x, segments_of(slot), templates, coeffs, None)
+    torch.testing.assert_close(no_bias, want - bias, rtol=1e-5, atol=1e-4)
+
+
+def test_fallback_without_the_compiled_kernel_matches_reference() -> None:
+    path = TorchPath(None, use_extension=False)
+    for rows, slots in ((64, 4), (65, 3)):  # equal runs take one bmm, unequal runs one GEMM per run
+        x, slot, templates, coeffs, bias = _problem(37, 50, rows, slots)
+        slot = torch.arange(rows) * slots // rows if rows == 64 else slot
+        want = reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+        torch.testing.assert_close(path.linear(x, segments_of(slot), templates, coeffs, bias), want)
+
+
+def test_empty_batch(fused: TorchPath) -> None:
+    x, slot, templates, coeffs, bias = _problem(37, 50, 0, 3)
+    assert fused.linear(x, segments_of(slot), templates, coeffs, bias).shape == (0, 37)
+
+
+def test_one_task_batches_use_the_cache_and_a_plain_gemm() -> None:
+    kernels = Kernels("cpu", path="torch", cache_bytes=1 << 20)
+    x, _, templates, coeffs, bias = _problem(37, 50, 16, 3)
+    slot = torch.full((16,), 2)
+    keys = ["a", "b", "c"]
+    first = kernels.linear(x, slot, templates, coeffs, bias, cache_keys=keys)
+    second = kernels.linear(x, slot, templates, coeffs, bias, cache_keys=keys)
+    plain = torch.nn.functional.linear(x, reference.compose(templates, coeffs[2:3])[0], bias)
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    assert (kernels.cache.misses, kernels.cache.hits, len(kernels.cache)) == (1, 1, 1)
+
+
+def test_cache_evicts_least_recently_used() -> None:
+    cache = ComposedWeightCache(max_bytes=3 * 400)
+    for key in "abc":
+        cache.get(key, lambda: torch.zeros(100))
+    cache.get("a", lambda: torch.ones(100))  # hit: 'a' becomes most recent
+    cache.get("d", lambda: torch.zeros(100))  # evicts 'b'
+    assert len(cache) == 3 and cache.nbytes == 1200
+    assert torch.equal(cache.get("a", lambda: torch.ones(100)), torch.zeros(100))  # still the cached one
+    assert torch.equal(cache.get("b", lambda: torch.ones(100)), torch.ones(100))  # recomposed
+    assert torch.equal(cache.get("huge", lambda: torch.ones(1000)), torch.ones(1000))  # too big: not kept
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+
+
+def test_segments_split_and_order() -> None:
+    seg = segments_of(torch.tensor([2, 0, 2, 1, 0, 2, 2]))
+    assert seg.order is not None and seg.order.tolist() == [1, 4, 3, 0, 2, 5, 6]
+    assert seg.starts.tolist() == [0, 2, 3, 7] and seg.slots.tolist() == [0, 1, 2]
+    split = seg.split(3)
+    assert split.starts.tolist() == [0, 2, 3, 6, 7] and split.slots.tolist() == [0, 1, 2, 2]
+    assert segments_of(torch.tensor([0, 0, 1])).order is None
+    empty = segments_of(torch.zeros(0, dtype=torch.int64))
+    assert isinstance(empty, Segments) and empty.count == 0 and empty.starts.tolist() == [0]
+
+
+def test_dispatcher_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECAST_KERNEL", raising=False)
+    assert select_path(torch.device("cpu")) is KernelPath.TORCH
+    monkeypatch.setenv("RECAST_KERNEL", "reference")
+    assert select_path(torch.device("cpu")) is KernelPath.REFERENCE
+    assert Kernels("cpu").path is KernelPath.REFERENCE
+    monkeypatch.setenv("RECAST_KERNEL", "fastest")
+    with pytest.raises(KernelUnavailable, match="not one of reference, torch, triton"):
+        select_path(torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelUnavailable, match="needs a CUDA device"):
+        select_path(torch.device("cpu"), "triton")
+
+
+def test_every_path_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECAST_KERNEL", raising=False)
+    x, slot, templates, coeffs, bias = _problem(96, 64, 50, 6)
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+    for path in ("reference", "torch"):
+        got = Kernels("cpu", path=path).linear(x, slot, templates, coeffs, bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="slot values"):
+        Kernels("cpu", path="torch").linear(x, slot + 6, templates, coeffs, bias)
