@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.baselines import mean_std, run_baseline
+from benchmarks.sections import replace_section
 from benchmarks.vision import VISION_TASKS, run_vision
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import TemplateBank, load_bank
@@ -250,14 +251,16 @@ def main() -> None:
         tqdm.write(json.dumps(row))
     table = render(runs, args.out)
     header = (
-        "# Accuracy per stored byte\n\n"
         f"Command: `python -m benchmarks.accuracy{' --quick' if args.quick else ''}`. "
         f"Budget: {budget.max_train} training examples per task at most, {budget.epochs} epochs, "
         f"{budget.max_length} tokens, seeds {list(budget.seeds)}; model selection on validation; "
         "test accuracy in %, mean ± std over seeds.\n\n"
         "![accuracy vs bytes](results.png)\n\n"
     )
-    (args.out / "results.md").write_text(header + table + "\n")
+    results_md = args.out / "results.md"
+    if not results_md.exists():
+        results_md.write_text("# Accuracy per stored byte\n")
+    replace_section(results_md, "accuracy", header + table)
     print(table)
 
 

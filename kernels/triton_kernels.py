@@ -38,7 +38,9 @@ class LaunchConfig:
 def launch_config(device: torch.device) -> LaunchConfig:
     """One configuration per device, chosen once (datacenter GPUs get larger tiles)."""
     if device.type != "cuda":
-        return LaunchConfig(block_m=32, block_n=128, block_k=128, num_warps=1, num_stages=1, compose_block=4096)
+        return LaunchConfig(
+            block_m=32, block_n=128, block_k=128, num_warps=1, num_stages=1, compose_block=4096
+        )
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 8:
         return LaunchConfig(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=3)

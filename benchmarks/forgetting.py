@@ -1,0 +1,129 @@
+"""Zero forgetting on one server-side registry, shown rather than assumed.
+
+Usage: python -m benchmarks.forgetting [--write docs/results.md] [--json]
+
+The text tasks are trained one after another against the same resident bank and registered in one
+`server.registry.TaskRegistry`; after each registration every earlier task's logits on its own test texts
+(through the server's `Predictor`, the same routing as when first recorded) and its stored bytes are
+compared bit for bit with what they were right after that task was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.sections import replace_section
+from kernels import Kernels
+from recast_core.backbone import load_text_backbone
+from recast_core.config import minilm_config
+from recast_core.datasets import load_splits
+from recast_core.mimicry import mimic
+from recast_core.task_model import artifact_spec
+from recast_core.training import TrainOptions, train_task
+from server.predictor import Predictor
+from server.registry import TaskRegistry
+
+TASKS = ("trec", "sms_spam", "movie_reviews", "tweet_sentiment")
+
+
+def run(
+    tasks: tuple[str, ...] = TASKS,
+    max_train: int = 1000,
+    epochs: int = 2,
+    max_length: int = 64,
+    probe: int = 128,
+) -> dict[str, Any]:
+    backbone = load_text_backbone()
+    bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
+    registry = TaskRegistry(artifact_spec(bank, backbone.hidden_size))
+    predictor = Predictor(backbone, bank, Kernels("cpu"), max_length=max_length)
+    recorded: dict[str, tuple[list[str], torch.Tensor, bytes]] = {}
+    checks: list[dict[str, Any]] = []
+    options = TrainOptions(epochs=epochs, max_length=max_length, max_train_examples=max_train, seed=0)
+    for task in tqdm(tasks, desc="sequential tasks", unit="task"):
+        splits = load_splits(task)
+        result = train_task(backbone, bank, splits.train, val=splits.val, options=options, progress=False)
+        data = result.artifact.to_bytes()
+        entry = registry.put(task, registry.validate(data), len(data))
+        texts = list(splits.test.texts[:probe])
+        recorded[task] = (texts, predictor.logits([(entry, texts)])[0], data)
+        for earlier, (probe_texts, before, stored) in recorded.items():
+            current = registry.get(earlier)
+            after = predictor.logits([(current, probe_texts)])[0]
+            checks.append(
+                {
+                    "after_training": task,
+                    "task": earlier,
+                    "texts": len(probe_texts),
+                    "logits_identical": bool(torch.equal(before, after)),
+                    "artifact_identical": current.artifact.to_bytes() == stored,
+                    "max_abs_diff": float((after - before).abs().max()),
+                }
+            )
+    # every task in one mixed batch against each task alone (different batch shapes: close, not bitwise)
+    requests = [(registry.get(task), recorded[task][0]) for task in tasks]
+    mixed = predictor.logits(requests)
+    mixed_diff = max(float((m - recorded[t][1]).abs().max()) for m, t in zip(mixed, tasks, strict=True))
+    return {
+        "tasks": list(tasks),
+        "budget": {"max_train": max_train, "epochs": epochs, "max_length": max_length, "probe": probe},
+        "checks": checks,
+        "all_identical": all(c["logits_identical"] and c["artifact_identical"] for c in checks),
+        "mixed_batch_max_abs_diff": mixed_diff,
+        "kernel_path": predictor.kernels.path.value,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| after training | earlier task | texts | logits bit-identical | artifact bit-identical "
+        "| max abs diff |",
+        "|---|---|---:|:---:|:---:|---:|",
+    ]
+    for c in result["checks"]:
+        if c["after_training"] == c["task"]:
+            continue
+        lines.append(
+            f"| {c['after_training']} | {c['task']} | {c['texts']} "
+            f"| {'yes' if c['logits_identical'] else 'NO'} "
+            f"| {'yes' if c['artifact_identical'] else 'NO'} | {c['max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write", type=Path, help="replace the forgetting section of this markdown file")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = run()
+    b = result["budget"]
+    body = (
+        "## Zero forgetting on one registry\n\n"
+        "Command: `python -m benchmarks.forgetting --write docs/results.md`. "
+        f"Tasks {', '.join(result['tasks'])} trained one after another ({b['max_train']} examples, "
+        f"{b['epochs']} epochs, {b['max_length']} tokens) and registered in one `TaskRegistry`; after each, "
+        f"every earlier task's logits on {b['probe']} of its test texts are compared with those recorded "
+        f"right after it was trained (kernel path {result['kernel_path']}). "
+        f"All bit-identical: **{'yes' if result['all_identical'] else 'NO'}**. "
+        f"Every task in one mixed batch vs. each alone: max abs logit difference "
+        f"{result['mixed_batch_max_abs_diff']:.1e} (different batch shapes: equal up to float rounding).\n\n"
+        + table(result)
+    )
+    print(body)
+    if args.write:
+        replace_section(args.write, "forgetting", body)
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

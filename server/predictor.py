@@ -1,0 +1,75 @@
+"""One forward for many requests of many tasks: tokenize, mixed-task encoder, each task's own head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels import Kernels
+from recast_core.backbone import DEFAULT_MAX_LENGTH, TextBackbone
+from recast_core.bank import TemplateBank
+from recast_core.multitask import MultiTaskEncoder
+from server.registry import TaskEntry
+
+
+@dataclass(frozen=True)
+class Output:
+    label: str
+    scores: dict[str, float]
+
+
+class Predictor:
+    """Owns the resident encoder; `forward` must not run concurrently (the batcher runs one at a time)."""
+
+    def __init__(
+        self,
+        backbone: TextBackbone,
+        bank: TemplateBank,
+        kernels: Kernels,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
+        self.backbone = backbone
+        self.kernels = kernels
+        self.max_length = max_length
+        self.encoder = MultiTaskEncoder(backbone, bank, kernels)
+
+    def logits(self, requests: Sequence[tuple[TaskEntry, Sequence[str]]]) -> list[torch.Tensor]:
+        """(len(texts), C_task) logits per request, all requests in one encoder forward."""
+        texts = [text for _, batch in requests for text in batch]
+        if not texts:
+            return [torch.zeros(0, len(entry.labels)) for entry, _ in requests]
+        slots: dict[tuple[str, int], int] = {}
+        for entry, _ in requests:
+            slots.setdefault(entry.cache_key, len(slots))
+        entries = {entry.cache_key: entry for entry, _ in requests}
+        table = torch.stack([entries[key].coefficients for key in slots])
+        task_of_text = torch.tensor(
+            [slots[entry.cache_key] for entry, batch in requests for _ in batch], dtype=torch.int64
+        )
+        tokens = self.backbone.tokenize(texts, max_length=self.max_length)
+        embeddings = self.encoder(
+            tokens["input_ids"], tokens["attention_mask"], task_of_text, table, list(slots)
+        )
+        out, start = [], 0
+        for entry, batch in requests:
+            rows = embeddings[start : start + len(batch)]
+            start += len(batch)
+            out.append(torch.nn.functional.linear(rows, entry.artifact.head_weight, entry.artifact.head_bias))
+        return out
+
+    def predict(self, requests: Sequence[tuple[TaskEntry, Sequence[str]]]) -> list[list[Output]]:
+        results = []
+        for (entry, _), logits in zip(requests, self.logits(requests), strict=True):
+            probs = torch.softmax(logits, dim=-1)
+            results.append(
+                [
+                    Output(
+                        label=entry.labels[int(row.argmax())],
+                        scores={label: float(p) for label, p in zip(entry.labels, row, strict=True)},
+                    )
+                    for row in probs
+                ]
+            )
+        return results
