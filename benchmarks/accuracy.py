@@ -182,6 +182,32 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
         size = sorted(r["artifact_bytes"] for r in rows_m)[len(rows_m) // 2]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {means[m]:.2f} | {params:,} | {size:,} |")
     _plot(runs, methods, out / "results.png")
+    gaps = [headline(runs, m) for m in ("recast", "recast_wide") if m in methods]
+    return "\n".join(lines) + "\n\n" + "\n".join(g for g in gaps if g)
+
+
+def _params(runs: list[dict[str, Any]], task: str, method: str) -> int:
+    return max(r["trainable_params"] for r in runs if r["task"] == task and r["method"] == method)
+
+
+def headline(runs: list[dict[str, Any]], method: str = "recast") -> str:
+    """Mean gaps (points) of `method` to LoRA r=8 and to the linear probe, and its parameter ratio to LoRA."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        acc.setdefault((r["task"], r["method"]), []).append(100 * r["test_accuracy"])
+    lines = []
+    for label, tasks in (("text tasks", TEXT_TASKS), ("vision tasks", VISION_TASKS)):
+        done = [t for t in tasks if all((t, m) in acc for m in (method, "lora_r8", "linear_probe"))]
+        if not done:
+            continue
+        mean = {k: sum(v) / len(v) for k, v in acc.items()}
+        gap_lora = sum(mean[(t, method)] - mean[(t, "lora_r8")] for t in done) / len(done)
+        gap_probe = sum(mean[(t, method)] - mean[(t, "linear_probe")] for t in done) / len(done)
+        ratio = sum(_params(runs, t, method) / _params(runs, t, "lora_r8") for t in done) / len(done)
+        lines.append(
+            f"- {label} ({len(done)}): {method} vs lora_r8 {gap_lora:+.2f} points, vs linear_probe "
+            f"{gap_probe:+.2f} points, {100 * ratio:.3f} % of LoRA's trainable parameters (heads excluded)"
+        )
     return "\n".join(lines)
 
 
