@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from kernels import reference  # noqa: E402
+from recast_core.backbone import TextBackbone  # noqa: E402
+from recast_core.bank import TemplateBank  # noqa: E402
 from kernels import triton_kernels as tk  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,3 +144,28 @@ def test_gpu_dispatcher_picks_triton() -> None:
         reference.segmented_template_linear(x, slot, templates, coeffs, bias),
         torch.float32,
     )
+
+
+@pytest.mark.parametrize("kind", ["ffn_in", "ffn_out"])
+def test_base_coefficients_reproduce_the_backbone_layer(
+    kind: str, backbone: TextBackbone, default_bank: TemplateBank
+) -> None:
+    """With the bank's base coefficients, every kernel gives MiniLM's own layer output (layer 3)."""
+    from recast_core.plan import resolve_plan
+
+    plan = resolve_plan(backbone.model, default_bank.config)
+    kind_plan = next(kp for kp in plan.kinds if kp.kind.name == kind)
+    layer = 3
+    module = backbone.model.get_submodule(kind_plan.modules[layer][0])
+    slot_index = [kp.kind.name for kp in plan.kinds].index(kind) * len(kind_plan.modules) + layer
+    coeffs = default_bank.base_coefficients[slot_index].mean(dim=0, keepdim=True)  # (1, n)
+    templates = default_bank.template(kind, kind_plan.group_of(layer))
+    x = torch.randn(10, module.in_features, generator=torch.Generator().manual_seed(3))
+    slot = torch.zeros(10, dtype=torch.int64)
+    with torch.no_grad():
+        want = module(x)
+        for kernel, _ in LINEAR_KERNELS.values():
+            got = kernel(
+                x.to(DEVICE), slot.to(DEVICE), templates.to(DEVICE), coeffs.to(DEVICE), module.bias.to(DEVICE)
+            )
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
