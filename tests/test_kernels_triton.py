@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from kernels import reference  # noqa: E402
+from kernels import triton_kernels as tk  # noqa: E402
 from recast_core.backbone import TextBackbone  # noqa: E402
 from recast_core.bank import TemplateBank  # noqa: E402
-from kernels import triton_kernels as tk  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu"
