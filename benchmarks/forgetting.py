@@ -1,6 +1,6 @@
 """Zero forgetting on one server-side registry, shown rather than assumed.
 
-Usage: python -m benchmarks.forgetting [--write docs/results.md] [--json]
+Usage: python -m benchmarks.forgetting [--max-train N] [--epochs E] [--write docs/results.md] [--json]
 
 The text tasks are trained one after another against the same resident bank and registered in one
 `server.registry.TaskRegistry`; after each registration every earlier task's logits on its own test texts
@@ -103,12 +103,15 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, help="replace the forgetting section of this markdown file")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--max-train", type=int, default=1000, help="training examples per task at most")
+    parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    result = run()
+    result = run(max_train=args.max_train, epochs=args.epochs)
     b = result["budget"]
     body = (
         "## Zero forgetting on one registry\n\n"
-        "Command: `python -m benchmarks.forgetting --write docs/results.md`. "
+        f"Command: `python -m benchmarks.forgetting --max-train {b['max_train']} --epochs {b['epochs']} "
+        "--write docs/results.md`. "
         f"Tasks {', '.join(result['tasks'])} trained one after another ({b['max_train']} examples, "
         f"{b['epochs']} epochs, {b['max_length']} tokens) and registered in one `TaskRegistry`; after each, "
         f"every earlier task's logits on {b['probe']} of its test texts are compared with those recorded "
