@@ -196,7 +196,8 @@ def main() -> None:
     device = torch.device(args.device)
     rows = run(args.batches, args.rounds, device)
     body = (
-        f"Command: `python -m benchmarks.kernels --write docs/benchmarks.md` ({time.strftime('%Y-%m-%d')}, "
+        f"Command: `python -m benchmarks.kernels --rounds {args.rounds} --write docs/benchmarks.md` "
+        f"({time.strftime('%Y-%m-%d')}, "
         f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}, device {device}, "
         f"kernel path {rows[0]['kernel_path']} ({rows[0]['kernel_detail']}), fp32, every sequence of the "
         f"hetero, PEFT mixed and naive batches a different task, median of {args.rounds} interleaved "
