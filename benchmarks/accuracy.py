@@ -280,7 +280,9 @@ def main() -> None:
         f"Command: `python -m benchmarks.accuracy{' --quick' if args.quick else ''}`. "
         f"Budget: {budget.max_train} training examples per task at most, {budget.epochs} epochs, "
         f"{budget.max_length} tokens, seeds {list(budget.seeds)}; model selection on validation; "
-        "test accuracy in %, mean ± std over seeds.\n\n"
+        "test accuracy in %, mean ± std over seeds. Trainable parameters exclude the classifier head; "
+        "`train_seconds` in results.json is wall time on a shared 2-core machine (some runs shared it "
+        "with other jobs), not a speed benchmark.\n\n"
         "![accuracy vs bytes](results.png)\n\n"
     )
     results_md = args.out / "results.md"
