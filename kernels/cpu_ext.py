@@ -88,7 +88,7 @@ def fused_segmented_linear(
     tile: int,
 ) -> torch.Tensor:
     """y = contract(x, slot, ...) on float32 CPU tensors, with `segments` the layout of slot."""
-    xs = x if segments.order is None else x.index_select(0, segments.order)
+    xs = segments.gather(x)
     if templates.stride(2) != 1 or templates.stride(1) != templates.shape[2]:
         templates = templates.contiguous()
     empty = torch.empty(0, dtype=torch.float32)
@@ -101,7 +101,5 @@ def fused_segmented_linear(
         empty if bias is None else bias.contiguous(),
         tile,
     )
-    if segments.order is not None:
-        y = torch.empty_like(y).index_copy_(0, segments.order, y)
-    result: torch.Tensor = y
+    result: torch.Tensor = segments.scatter(y)
     return result

@@ -80,7 +80,13 @@ class Kernels:
             from kernels.torch_path import TorchPath
 
             self._torch = TorchPath(self.cache)
-            detail = "fused compiled kernel" if self._torch.extension is not None else "per-task compose"
+            from kernels import cpu_ext
+
+            detail = (
+                "fused compiled kernel"
+                if self._torch.extension is not None
+                else f"per-task compose ({cpu_ext.unavailable_reason() or 'compiled kernel disabled'})"
+            )
         elif self.path is KernelPath.TRITON:
             from kernels.triton_kernels import launch_config
 

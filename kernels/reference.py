@@ -64,15 +64,13 @@ def fused_segmented_linear(
     """
     check_linear_args(x, slot, templates, coeffs, bias)
     seg = segments_of(slot)
-    xs = x if seg.order is None else x[seg.order]
+    xs = seg.gather(x)
     y = x.new_empty(x.shape[0], templates.shape[1])
     starts = seg.starts.tolist()
     for j, s in enumerate(seg.slots.tolist()):
         weight = compose(templates, coeffs[s : s + 1])[0]
         y[starts[j] : starts[j + 1]] = torch.nn.functional.linear(xs[starts[j] : starts[j + 1]], weight, bias)
-    if seg.order is not None:
-        y = torch.empty_like(y).index_copy_(0, seg.order, y)
-    return y
+    return seg.scatter(y)
 
 
 def template_space_linear(

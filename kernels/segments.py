@@ -23,6 +23,14 @@ class Segments:
     def count(self) -> int:
         return int(self.slots.numel())
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (in input order) in sorted-by-slot order."""
+        return rows if self.order is None else rows.index_select(0, self.order)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows computed in sorted order, put back in input order (the inverse of `gather`)."""
+        return rows if self.order is None else torch.empty_like(rows).index_copy_(0, self.order, rows)
+
     def split(self, max_rows: int) -> Segments:
         """The same layout with every run cut into pieces of at most `max_rows` rows (for load balance)."""
         if max_rows <= 0:

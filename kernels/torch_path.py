@@ -80,7 +80,7 @@ class TorchPath:
         coeffs: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        xs = x if segments.order is None else x.index_select(0, segments.order)
+        xs = segments.gather(x)
         weights = compose(templates, coeffs.index_select(0, segments.slots))  # (G, out, in)
         lengths = segments.starts[1:] - segments.starts[:-1]
         if bool((lengths == lengths[0]).all()):  # equal runs (e.g. one task per sequence): one bmm
@@ -94,6 +94,4 @@ class TorchPath:
                 for chunk, w in zip(torch.split(xs, lengths.tolist()), weights, strict=True)
             ]
             y = torch.cat(parts)
-        if segments.order is not None:
-            y = torch.empty_like(y).index_copy_(0, segments.order, y)
-        return y
+        return segments.scatter(y)

@@ -248,7 +248,7 @@ def fused_segmented_linear(
     config = config or launch_config(x.device)
     segments = segments or segments_of(slot)
     n, out, in_features = templates.shape
-    xs = (x if segments.order is None else x.index_select(0, segments.order)).contiguous()
+    xs = segments.gather(x).contiguous()
     y = torch.empty(x.shape[0], out, dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or out == 0:
         return y
@@ -281,9 +281,7 @@ def fused_segmented_linear(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if segments.order is not None:
-        y = torch.empty_like(y).index_copy_(0, segments.order, y)
-    return y
+    return segments.scatter(y)
 
 
 def template_space_linear(
