@@ -103,3 +103,32 @@ def fused_segmented_linear(
     )
     result: torch.Tensor = segments.scatter(y)
     return result
+
+
+def packed_segmented_linear(
+    module: ModuleType,
+    x: torch.Tensor,
+    segments: Segments,
+    packed: torch.Tensor,
+    out_features: int,
+    coeffs: torch.Tensor,
+    bias: torch.Tensor | None,
+    nc: int,
+    kc: int,
+) -> torch.Tensor:
+    """The same on templates packed by kernels.packed_templates.pack, through the AVX2 micro-kernel."""
+    xs = segments.gather(x)
+    empty = torch.empty(0, dtype=torch.float32)
+    y = module.segmented_linear_packed(
+        xs.contiguous(),
+        segments.starts,
+        segments.slots,
+        packed,
+        coeffs.to(torch.float32).contiguous(),
+        empty if bias is None else bias.contiguous(),
+        out_features,
+        nc,
+        kc,
+    )
+    result: torch.Tensor = segments.scatter(y)
+    return result

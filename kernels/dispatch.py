@@ -82,8 +82,9 @@ class Kernels:
             self._torch = TorchPath(self.cache)
             from kernels import cpu_ext
 
+            inner = "avx2 micro-kernel" if self._torch.microkernel else "sgemm tiles"
             detail = (
-                "fused compiled kernel"
+                f"fused compiled kernel, {inner}"
                 if self._torch.extension is not None
                 else f"per-task compose ({cpu_ext.unavailable_reason() or 'compiled kernel disabled'})"
             )

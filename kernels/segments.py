@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class Segments:
     order: torch.Tensor | None
     starts: torch.Tensor
     slots: torch.Tensor
+    _splits: dict[int, Segments] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def count(self) -> int:
@@ -35,6 +36,11 @@ class Segments:
         """The same layout with every run cut into pieces of at most `max_rows` rows (for load balance)."""
         if max_rows <= 0:
             raise ValueError("max_rows must be positive")
+        if max_rows not in self._splits:  # one layout serves every layer of a batch: split it once
+            self._splits[max_rows] = self._split(max_rows)
+        return self._splits[max_rows]
+
+    def _split(self, max_rows: int) -> Segments:
         lengths = self.starts[1:] - self.starts[:-1]
         pieces = torch.div(lengths + max_rows - 1, max_rows, rounding_mode="floor").clamp_min(1)
         if pieces.numel() == 0 or int(pieces.max()) <= 1:

@@ -1,7 +1,9 @@
 """The CPU serving path: composed-weight cache for one-task batches, the fused compiled kernel otherwise.
 
 one slot in the batch   -> W = cache[key] (composed once) -> one plain GEMM (F.linear)
-several slots, float32  -> compiled fused kernel: per (output tile, segment) compose in cache + sgemm
+several slots, float32  -> compiled fused kernel, per (output tile, segment) compose in cache then multiply:
+                           AVX2/FMA micro-kernel on templates packed once (kernels.packed_templates),
+                           or BLAS sgemm per tile where the micro-kernel was not compiled in
 otherwise               -> compose the distinct slots' weights once, one GEMM per segment
 """
 
@@ -13,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_ext
+from kernels.packed_templates import PackedTemplateCache
 from kernels.reference import compose
 from kernels.segments import Segments
 from kernels.weight_cache import ComposedWeightCache
 
 ROW_BLOCK = 256  # a segment longer than this is cut so both threads get work
+PACKED_CACHE_BYTES = 512 << 20  # packed template copies (the bank's linear templates, once)
 
 
 def tile_for(in_features: int, budget_bytes: int = 96 << 10) -> int:
@@ -25,10 +29,25 @@ def tile_for(in_features: int, budget_bytes: int = 96 << 10) -> int:
     return max(16, min(256, (budget_bytes // (4 * in_features)) // 16 * 16))
 
 
+def micro_blocks(in_features: int) -> tuple[int, int]:
+    """(output columns per work item, k block) for the micro-kernel; measured in benchmarks/kernels.py."""
+    return (128, 384) if in_features <= 768 else (128, 768)
+
+
 class TorchPath:
-    def __init__(self, cache: ComposedWeightCache | None = None, use_extension: bool = True) -> None:
+    def __init__(
+        self,
+        cache: ComposedWeightCache | None = None,
+        use_extension: bool = True,
+        use_microkernel: bool = True,
+        packed_cache_bytes: int = PACKED_CACHE_BYTES,
+    ) -> None:
         self.cache = cache
         self.extension = cpu_ext.load() if use_extension else None
+        self.microkernel = (
+            use_microkernel and self.extension is not None and bool(self.extension.has_microkernel())
+        )
+        self.packed = PackedTemplateCache(packed_cache_bytes)
 
     def linear(
         self,
@@ -47,6 +66,19 @@ class TorchPath:
             weight = self._weight(templates, coeffs, s, cache_keys)
             return F.linear(x, weight, bias)
         if self.extension is not None and x.dtype == torch.float32 and not x.requires_grad:
+            if self.microkernel:
+                nc, kc = micro_blocks(x.shape[1])
+                return cpu_ext.packed_segmented_linear(
+                    self.extension,
+                    x,
+                    segments.split(ROW_BLOCK),
+                    self.packed.get(templates),
+                    templates.shape[1],
+                    coeffs,
+                    bias,
+                    nc,
+                    kc,
+                )
             return cpu_ext.fused_segmented_linear(
                 self.extension,
                 x,

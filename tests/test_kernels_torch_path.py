@@ -14,6 +14,7 @@ from kernels import (
     segments_of,
     select_path,
 )
+from kernels.packed_templates import PackedTemplateCache, pack
 from kernels.segments import Segments
 from kernels.torch_path import TorchPath
 
@@ -33,10 +34,12 @@ def _problem(
     )
 
 
-@pytest.fixture(scope="module")
-def fused() -> TorchPath:
-    path = TorchPath(ComposedWeightCache(1 << 24))
+@pytest.fixture(scope="module", params=["microkernel", "sgemm"])
+def fused(request: pytest.FixtureRequest) -> TorchPath:
+    path = TorchPath(ComposedWeightCache(1 << 24), use_microkernel=request.param == "microkernel")
     assert path.extension is not None, "the compiled CPU kernel must build on the test machine"
+    if request.param == "microkernel":
+        assert path.microkernel, "x86-64 test machines have AVX2/FMA: the micro-kernel must be compiled in"
     return path
 
 
@@ -130,3 +133,28 @@ def test_every_path_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="slot values"):
         Kernels("cpu", path="torch").linear(x, slot + 6, templates, coeffs, bias)
+
+
+def test_packed_templates_layout_and_cache() -> None:
+    templates = torch.randn(2, 37, 50)
+    packed = pack(templates)
+    assert packed.shape == (2, 3, 50, 16) and packed.is_contiguous()
+    assert torch.equal(packed[1, 2, 7, :5], templates[1, 32:37, 7])
+    assert not packed[:, 2, :, 5:].any(), "columns past out must be zero"
+    cache = PackedTemplateCache(1 << 20)
+    first = cache.get(templates)
+    assert cache.get(templates) is first
+    templates.mul_(2)  # an in-place change bumps the version: packed again
+    again = cache.get(templates)
+    assert again is not first and torch.equal(again, 2 * first)
+    small = PackedTemplateCache(packed.numel() * 4)
+    small.get(templates)
+    small.get(torch.randn(2, 37, 50))
+    assert small.nbytes == packed.numel() * 4, "the oldest packed copy is evicted past the budget"
+
+
+def test_microkernel_on_fused_qkv_row_slices(fused: TorchPath) -> None:
+    x, slot, qkv, coeffs, _ = _problem(3 * 48, 40, rows=50, num_slots=5)
+    for member in qkv.split(48, dim=1):  # non-contiguous (n, 48, 40) views of one template tensor
+        want = reference.segmented_template_linear(x, slot, member, coeffs, None)
+        torch.testing.assert_close(fused.linear(x, segments_of(slot), member, coeffs, None), want)
