@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from recast_core.datasets import load_splits
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from recast_core.training import TrainOptions, train_task
+from server.catalog import TaskCatalog
 from server.predictor import Predictor
 from server.registry import TaskRegistry
+from server.stores.directory import DirectoryStore
 
 TASKS = ("trec", "sms_spam", "movie_reviews", "tweet_sentiment")
 
@@ -42,6 +45,7 @@ def run(
     backbone = load_text_backbone()
     bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
     registry = TaskRegistry(artifact_spec(bank, backbone.hidden_size))
+    catalog = TaskCatalog(DirectoryStore(Path(tempfile.mkdtemp(prefix="recast-forgetting-"))), registry)
     predictor = Predictor(backbone, bank, Kernels("cpu"), max_length=max_length)
     recorded: dict[str, tuple[list[str], torch.Tensor, bytes]] = {}
     checks: list[dict[str, Any]] = []
@@ -50,7 +54,7 @@ def run(
         splits = load_splits(task)
         result = train_task(backbone, bank, splits.train, val=splits.val, options=options, progress=False)
         data = result.artifact.to_bytes()
-        entry = registry.put(task, registry.validate(data), len(data))
+        entry = catalog.upload(task, data)
         texts = list(splits.test.texts[:probe])
         recorded[task] = (texts, predictor.logits([(entry, texts)])[0], data)
         for earlier, (probe_texts, before, stored) in recorded.items():

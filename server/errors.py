@@ -17,6 +17,9 @@ class ServerError(Exception):
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
 
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
+
 
 class BadInput(ServerError):
     error_type, status = "bad_input", 400
@@ -45,3 +48,54 @@ class ArtifactRejected(ServerError):
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type, "reason": self.reason}
+
+
+class Unauthorized(ServerError):
+    """No or malformed credentials (answered with `WWW-Authenticate: Bearer`)."""
+
+    error_type, status = "unauthorized", 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServerError):
+    """Credentials were given but are not valid."""
+
+    error_type, status = "forbidden", 403
+
+
+class NotFound(ServerError):
+    """No such route."""
+
+    error_type, status = "not_found", 404
+
+
+class MethodNotAllowed(ServerError):
+    error_type, status = "method_not_allowed", 405
+
+
+class PayloadTooLarge(ServerError):
+    error_type, status = "payload_too_large", 413
+
+
+class UnsupportedMediaType(ServerError):
+    error_type, status = "unsupported_media_type", 415
+
+
+class Overloaded(ServerError):
+    """The request queue is full: retry after `retry_after` seconds."""
+
+    error_type, status = "overloaded", 429
+
+
+class NotReady(ServerError):
+    """The server is starting or stopping: retry after `retry_after` seconds."""
+
+    error_type, status = "not_ready", 503
+
+
+class StoreError(ServerError):
+    """The durable store failed; nothing was changed."""
+
+    error_type, status = "store_unavailable", 503

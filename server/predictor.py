@@ -40,7 +40,7 @@ class Predictor:
         texts = [text for _, batch in requests for text in batch]
         if not texts:
             return [torch.zeros(0, len(entry.labels)) for entry, _ in requests]
-        slots: dict[tuple[str, int], int] = {}
+        slots: dict[str, int] = {}
         for entry, _ in requests:
             slots.setdefault(entry.cache_key, len(slots))
         entries = {entry.cache_key: entry for entry, _ in requests}
@@ -58,6 +58,17 @@ class Predictor:
             start += len(batch)
             out.append(torch.nn.functional.linear(rows, entry.artifact.head_weight, entry.artifact.head_bias))
         return out
+
+    def warm_up(self) -> None:
+        """One forward of two tasks (the bank's own coefficients): the first request pays no build or load."""
+        base = self.encoder.base_coefficients
+        tokens = self.backbone.tokenize(["warm up", "a second sentence"], max_length=self.max_length)
+        self.encoder(
+            tokens["input_ids"],
+            tokens["attention_mask"],
+            torch.tensor([0, 1]),
+            torch.stack([base, base * 0.5]),
+        )
 
     def predict(self, requests: Sequence[tuple[TaskEntry, Sequence[str]]]) -> list[list[Output]]:
         results = []

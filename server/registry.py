@@ -7,17 +7,19 @@ are made; an upload replaces the entry, it never edits one in place.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import torch
 
 from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.errors import ArtifactError
-from server.errors import ArtifactRejected, InvalidTaskId, UnknownTask, VersionConflict
+from server.errors import ArtifactRejected, InvalidTaskId, UnknownTask
+from server.stores.base import StoredTask
 
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -37,11 +39,12 @@ class TaskEntry:
     artifact: TaskArtifact
     size_bytes: int
     updated: str
+    digest: str  # sha256 of the artifact bytes
 
     @property
-    def cache_key(self) -> tuple[str, int]:
-        """Names this version's composed weights: never reused for other coefficients."""
-        return (self.task_id, self.version)
+    def cache_key(self) -> str:
+        """Names this artifact's composed weights: content-addressed, so never reused for other numbers."""
+        return self.digest
 
     @property
     def coefficients(self) -> torch.Tensor:
@@ -53,11 +56,17 @@ class TaskEntry:
 
 
 class TaskRegistry:
-    """Task id -> current TaskEntry, validated against the resident bank's `spec`. Thread-safe."""
+    """Task id -> current TaskEntry, validated against the resident bank's `spec`. Thread-safe.
+
+    The store assigns versions; the registry keeps, per task id, the newest version it has been given
+    (deletes included, as tombstones), so changes arriving late or twice never roll a task back.
+    """
 
     def __init__(self, spec: ArtifactSpec) -> None:
         self.spec = spec
         self._entries: dict[str, TaskEntry] = {}
+        self._versions: dict[str, int] = {}  # newest version seen per id, tombstones included
+        self._sorted: list[str] | None = []  # live ids in order, rebuilt lazily when the set of ids changes
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -70,26 +79,36 @@ class TaskRegistry:
         except ArtifactError as exc:
             raise ArtifactRejected(str(exc), exc.error_type) from None
 
-    def put(
-        self, task_id: str, artifact: TaskArtifact, size_bytes: int, *, if_match: int | None = None
-    ) -> TaskEntry:
-        """Make `artifact` the task's next version; with if_match, only if the current version is that."""
-        check_task_id(task_id)
-        with self._lock:
-            current = self._entries.get(task_id)
-            version = current.version if current else 0
-            if if_match is not None and if_match != version:
-                raise VersionConflict(f"task {task_id!r} is at version {version}, not {if_match}")
-            entry = TaskEntry(task_id, version + 1, artifact, size_bytes, _now())
-            self._entries[task_id] = entry
-            return entry
+    def apply(self, stored: StoredTask, artifact: TaskArtifact | None = None) -> TaskEntry | None:
+        """Install a stored version (or remove the task for a tombstone) unless a newer one is known.
 
-    def restore(self, entry: TaskEntry) -> None:
-        """Install an entry read back from a store (keeps its version; a newer one already here wins)."""
+        `artifact` is the already validated parse of stored.data (validated here when omitted). Returns the
+        installed entry, or None for a tombstone or a version that is not newer.
+        """
+        check_task_id(stored.task_id)
+        entry = None
+        if stored.data is not None:
+            artifact = artifact if artifact is not None else self.validate(stored.data)
+            digest = hashlib.sha256(stored.data).hexdigest()
+            entry = TaskEntry(
+                stored.task_id, stored.version, artifact, len(stored.data), stored.updated, digest
+            )
         with self._lock:
-            current = self._entries.get(entry.task_id)
-            if current is None or current.version < entry.version:
-                self._entries[entry.task_id] = entry
+            if stored.version <= self._versions.get(stored.task_id, 0):
+                return None
+            self._versions[stored.task_id] = stored.version
+            if entry is None:
+                if self._entries.pop(stored.task_id, None) is not None:
+                    self._sorted = None
+            else:
+                if stored.task_id not in self._entries:
+                    self._sorted = None
+                self._entries[stored.task_id] = entry
+        return entry
+
+    def known_version(self, task_id: str) -> int:
+        """The newest version seen for the id (0: never), a tombstone's included."""
+        return self._versions.get(task_id, 0)
 
     def get(self, task_id: str) -> TaskEntry:
         entry = self._entries.get(task_id)
@@ -108,23 +127,11 @@ class TaskRegistry:
             found[task_id] = entries[task_id]
         return found
 
-    def delete(self, task_id: str, *, if_match: int | None = None) -> TaskEntry:
+    def page(self, after: str = "", limit: int = 100) -> tuple[list[TaskEntry], int]:
+        """At most `limit` entries in id order, starting after the id `after`; and the total count."""
         with self._lock:
-            current = self._entries.get(task_id)
-            if current is None:
-                raise UnknownTask(f"no task {task_id!r}")
-            if if_match is not None and if_match != current.version:
-                raise VersionConflict(f"task {task_id!r} is at version {current.version}, not {if_match}")
-            del self._entries[task_id]
-            return current
-
-    def page(self, offset: int = 0, limit: int = 100) -> tuple[list[TaskEntry], int]:
-        """Entries sorted by id, from `offset`, at most `limit`; and the total count."""
-        with self._lock:
-            ids = sorted(self._entries)
-            entries = [self._entries[i] for i in ids[offset : offset + limit]]
-        return entries, len(ids)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+            if self._sorted is None:
+                self._sorted = sorted(self._entries)
+            start = bisect.bisect_right(self._sorted, after) if after else 0
+            entries = [self._entries[i] for i in self._sorted[start : start + limit]]
+            return entries, len(self._sorted)

@@ -1,15 +1,21 @@
-"""The server's task registry: ids, versions, conditional writes, validation, paging."""
+"""The task registry, the directory store and the catalog that joins them: ids, store-assigned versions,
+tombstones, conditional writes, validation, crash safety, paging."""
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from recast_core.artifact import ArtifactSpec, TaskArtifact
-from server.errors import ArtifactRejected, InvalidTaskId, UnknownTask, VersionConflict
+from server.catalog import TaskCatalog
+from server.errors import ArtifactRejected, InvalidTaskId, StoreError, UnknownTask, VersionConflict
 from server.registry import TaskRegistry, check_task_id
+from server.stores.base import StoredTask
+from server.stores.directory import DirectoryStore
 
 SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
 
@@ -25,67 +31,117 @@ def _artifact(seed: int = 0, fingerprint: str = SPEC.bank_fingerprint) -> TaskAr
     )
 
 
-def test_versions_and_conditional_writes() -> None:
-    registry = TaskRegistry(SPEC)
-    first = registry.put("spam", _artifact(0), 100)
-    assert (first.version, first.cache_key) == (1, ("spam", 1))
-    second = registry.put("spam", _artifact(1), 100, if_match=1)
+def _catalog(tmp_path: Path) -> TaskCatalog:
+    return TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(SPEC))
+
+
+def test_versions_tombstones_and_conditional_writes(tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path)
+    registry = catalog.registry
+    first = catalog.upload("spam", _artifact(0).to_bytes())
+    assert first.version == 1 and registry.get("spam") is first
+    second = catalog.upload("spam", _artifact(1).to_bytes(), if_match=1)
     assert second.version == 2 and registry.get("spam") is second
-    assert first.coefficients is not second.coefficients  # the old entry is untouched, never edited
-    with pytest.raises(VersionConflict, match="at version 2, not 1"):
-        registry.put("spam", _artifact(2), 100, if_match=1)
-    assert registry.put("new", _artifact(3), 100, if_match=0).version == 1
+    assert second.cache_key != first.cache_key, "new coefficients must never reuse composed weights"
+    with pytest.raises(VersionConflict) as conflict:
+        catalog.upload("spam", _artifact(2).to_bytes(), if_match=1)
+    assert conflict.value.status == 409 and registry.get("spam") is second
+    assert catalog.upload("new", _artifact(3).to_bytes(), if_match=0).version == 1
     with pytest.raises(VersionConflict):
-        registry.delete("spam", if_match=1)
-    assert registry.delete("spam", if_match=2) is second
-    with pytest.raises(UnknownTask, match="no task 'spam'"):
+        catalog.delete("spam", if_match=1)
+    assert catalog.delete("spam", if_match=2).version == 3
+    with pytest.raises(UnknownTask):
         registry.get("spam")
     with pytest.raises(UnknownTask):
-        registry.delete("spam")
+        catalog.delete("spam")
+    again = catalog.upload("spam", _artifact(0).to_bytes(), if_match=0)
+    assert again.version == 4, "versions continue after a delete: never reused"
 
 
-def test_uploads_are_validated_against_the_bank() -> None:
+def test_late_or_repeated_changes_never_roll_back() -> None:
     registry = TaskRegistry(SPEC)
+    data = _artifact(0).to_bytes()
+    assert registry.apply(StoredTask("t", 3, data, "now")) is not None
+    assert registry.apply(StoredTask("t", 2, _artifact(1).to_bytes(), "before")) is None
+    assert registry.apply(StoredTask("t", 3, data, "now")) is None
+    assert registry.get("t").version == 3
+    registry.apply(StoredTask("t", 4, None, "later"))  # tombstone
+    assert registry.apply(StoredTask("t", 3, data, "now")) is None, "a delete is not undone by an old put"
+    with pytest.raises(UnknownTask):
+        registry.get("t")
+    assert registry.known_version("t") == 4 and len(registry) == 0
+
+
+def test_uploads_are_validated_against_the_bank(tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path)
     good = _artifact().to_bytes()
-    assert registry.validate(good).labels == ("a", "b", "c")
+    assert catalog.validate(good).labels == ("a", "b", "c")
     with pytest.raises(ArtifactRejected) as wrong_bank:
-        registry.validate(_artifact(fingerprint="cd" * 32).to_bytes())
+        catalog.upload("x", _artifact(fingerprint="cd" * 32).to_bytes())
     assert wrong_bank.value.status == 422 and wrong_bank.value.body()["reason"] == "fingerprint_mismatch"
     with pytest.raises(ArtifactRejected) as truncated:
-        registry.validate(good[:-5])
+        catalog.upload("x", good[:-5])
     assert truncated.value.body()["error_type"] == "invalid_artifact"
+    assert catalog.store.get("x") is None, "a rejected upload stores nothing"
 
 
-@pytest.mark.parametrize("task_id", ["", "-x", "a b", "x" * 129, "é", "a/b"])
-def test_bad_task_ids(task_id: str) -> None:
+@pytest.mark.parametrize("task_id", ["", "-x", "a b", "x" * 129, "é", "a/b", "..", ".hidden"])
+def test_bad_task_ids(task_id: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidTaskId):
         check_task_id(task_id)
     with pytest.raises(InvalidTaskId):
-        TaskRegistry(SPEC).put(task_id, _artifact(), 1)
+        _catalog(tmp_path).upload(task_id, _artifact().to_bytes())
 
 
-def test_good_task_ids_and_paging() -> None:
-    registry = TaskRegistry(SPEC)
+def test_good_task_ids_and_paging(tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path)
     for task_id in ["b", "a.1", "Z_9-x", "x" * 128]:
-        registry.put(check_task_id(task_id), _artifact(), 1)
-    entries, total = registry.page(offset=1, limit=2)
+        catalog.upload(check_task_id(task_id), _artifact().to_bytes())
+    registry = catalog.registry
+    entries, total = registry.page(after="Z_9-x", limit=2)
     assert total == 4 and [e.task_id for e in entries] == ["a.1", "b"]
+    assert [e.task_id for e in registry.page(after="b", limit=5)[0]] == ["x" * 128]
     assert set(registry.snapshot(["a.1", "b"])) == {"a.1", "b"}
     with pytest.raises(UnknownTask):
         registry.snapshot(["a.1", "missing"])
 
 
-def test_concurrent_uploads_get_distinct_versions() -> None:
-    registry = TaskRegistry(SPEC)
+def test_concurrent_uploads_get_distinct_versions(tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path)
     versions: list[int] = []
+    data = [_artifact(i).to_bytes() for i in range(4)]
 
-    def upload() -> None:
-        for _ in range(50):
-            versions.append(registry.put("hot", _artifact(), 1).version)
+    def upload(i: int) -> None:
+        for _ in range(25):
+            versions.append(catalog.upload("hot", data[i]).version)
 
-    threads = [threading.Thread(target=upload) for _ in range(4)]
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(versions) == list(range(1, 201)) and registry.get("hot").version == 200
+    assert sorted(versions) == list(range(1, 101)) and catalog.registry.get("hot").version == 100
+    assert len(os.listdir(tmp_path / "tasks" / "hot")) == 1, "superseded versions are removed"
+
+
+def test_directory_store_survives_a_crash_mid_upload_and_restarts(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    store = DirectoryStore(root)
+    v1 = _artifact(0).to_bytes()
+    store.put("t", v1)
+    store.put("gone", v1)
+    store.delete("gone")
+    # a crash while writing version 2: a partial temp file is all that exists of it
+    (root / "t" / ".000000000002.safetensors-partial.tmp").write_bytes(v1[:10])
+    with pytest.raises(StoreError, match="in use by another process"):
+        DirectoryStore(root)
+    store.close()
+    reopened = DirectoryStore(root)
+    assert not list(root.glob("*/.*.tmp")), "temp files of interrupted writes are removed at start"
+    stored = {s.task_id: s for s in reopened.scan()}
+    assert stored["t"].version == 1 and stored["t"].data == v1
+    assert stored["gone"].deleted and stored["gone"].version == 2
+    catalog = TaskCatalog(reopened, TaskRegistry(SPEC))
+    assert catalog.load(progress=False) == 1
+    assert catalog.upload("gone", v1).version == 3
+    reopened.close()

@@ -1,0 +1,155 @@
+"""The FastAPI application: `create_app(settings)`; its lifespan builds the runtime and the batcher.
+
+Every error answers `{"error", "error_type"}` with the status fixed by its type (server/errors.py); every
+request gets an id (`X-Request-ID`, taken from the client when given) that its log lines carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.batcher import Batcher
+from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, ServerError
+from server.metrics import Metrics
+from server.routes import router
+from server.runtime import Runtime, start_runtime
+from server.settings import Settings
+
+log = logging.getLogger("server.access")
+
+
+class AppState:
+    """What the routes need; `runtime` and `batcher` exist between start-up and shutdown only."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.runtime: Runtime | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+
+    def require(self) -> tuple[Runtime, Batcher]:
+        if not self.ready or self.runtime is None or self.batcher is None:
+            raise NotReady("the server is starting or stopping", retry_after=2)
+        return self.runtime, self.batcher
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    state = AppState(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.keys:
+            log.warning("RECAST_API_KEYS is empty: task upload and delete need no key on this server")
+        runtime = await asyncio.to_thread(start_runtime, settings, state.metrics)
+        batcher = Batcher(
+            runtime.predictor.predict,
+            max_batch_texts=settings.max_batch_texts,
+            max_wait=settings.max_wait_ms / 1000,
+            max_queue_texts=settings.max_queue_texts,
+            metrics=state.metrics,
+        )
+        batcher.start()
+        state.runtime, state.batcher, state.ready = runtime, batcher, True
+        try:
+            yield
+        finally:
+            state.ready = False
+            await batcher.stop()
+            await asyncio.to_thread(runtime.close)
+            log.info("server stopped")
+
+    app = FastAPI(
+        title="recast-serve",
+        version="1",
+        summary="Many tasks on one shared backbone: RECAST template banks with per-task coefficients",
+        lifespan=lifespan,
+    )
+    app.state.recast = state
+    app.include_router(router)
+    _install_error_handlers(app)
+    _install_request_middleware(app, state.metrics)
+    return app
+
+
+def _error_response(error: ServerError, request_id: str | None = None) -> JSONResponse:
+    headers = error.headers()
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def server_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServerError)
+        return _error_response(exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+            for err in exc.errors()
+        )
+        return _error_response(BadInput(f"invalid request: {problems}"))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return _error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+        error = ServerError(str(exc.detail))
+        error.status, error.error_type = exc.status_code, "http_error"
+        return _error_response(error)
+
+    app.add_exception_handler(ServerError, server_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
+    @app.middleware("http")
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        request.state.request_id = request_id
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: answer a typed 500 and keep serving
+            log.exception("unhandled error", extra={"request_id": request_id, "path": request.url.path})
+            response = _error_response(ServerError("internal error; see the server log"), request_id)
+        seconds = time.perf_counter() - start
+        endpoint = _endpoint(request)
+        response.headers["X-Request-ID"] = request_id
+        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint, request.method).observe(seconds)
+        if endpoint not in ("/metrics", "/healthz", "/readyz"):
+            fields: dict[str, Any] = {
+                "request_id": request_id,
+                "method": request.method,
+                "endpoint": endpoint,
+                "path": request.url.path,
+                "status": response.status_code,
+                "ms": round(seconds * 1000, 2),
+            }
+            log.info("request", extra=fields)
+        return response
+
+
+def _endpoint(request: Request) -> str:
+    """The matched route's template (`/v1/tasks/{task_id}`), so metrics get no series per task id."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))

@@ -1,0 +1,265 @@
+"""API v1 routes. Handlers validate, then hand work to the catalog (store + registry) or the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from server.auth import check_bearer
+from server.errors import BadInput, NotReady, PayloadTooLarge, UnsupportedMediaType
+from server.registry import TaskEntry, check_task_id
+
+router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": text, "model": None}
+    for status, text in (
+        (400, "bad input: `{error, error_type}`"),
+        (401, "no API key"),
+        (403, "API key not valid"),
+        (404, "unknown task"),
+        (409, "version conflict (If-Match)"),
+        (413, "artifact too large"),
+        (422, "invalid artifact (reason names the check that failed)"),
+        (429, "overloaded; retry after Retry-After seconds"),
+        (503, "not ready or store unavailable"),
+    )
+}
+
+
+class PredictRequest(BaseModel):
+    inputs: list[str] = Field(description="texts to classify (1 to RECAST_MAX_INPUTS)")
+
+
+class Output(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    task_id: str
+    version: int
+    outputs: list[Output]
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    version: int
+    labels: list[str]
+    updated: str
+    size_bytes: int
+
+
+class TaskDetail(TaskSummary):
+    created: str
+    bank_fingerprint: str
+    digest: str
+    trainable_parameters: int
+    head_parameters: int
+    training: dict[str, Any]
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskSummary]
+    total: int
+    next: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class Deleted(BaseModel):
+    task_id: str
+    version: int
+    deleted: bool = True
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.recast
+
+
+def _summary(entry: TaskEntry) -> TaskSummary:
+    return TaskSummary(
+        task_id=entry.task_id,
+        version=entry.version,
+        labels=list(entry.labels),
+        updated=entry.updated,
+        size_bytes=entry.size_bytes,
+    )
+
+
+def _detail(entry: TaskEntry) -> TaskDetail:
+    art = entry.artifact
+    return TaskDetail(
+        **_summary(entry).model_dump(),
+        created=art.created,
+        bank_fingerprint=art.bank_fingerprint,
+        digest=entry.digest,
+        trainable_parameters=art.trainable_parameters,
+        head_parameters=art.head_parameters,
+        training=art.training,
+    )
+
+
+def _if_match(value: str | None) -> int | None:
+    """`If-Match: 3` or `If-Match: "3"` (the ETag we send); 0 means the task must not exist yet."""
+    if value is None:
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise BadInput(f"If-Match must be a task version number, got {value[:40]!r}")
+    return int(text)
+
+
+def _admin(request: Request, authorization: str | None) -> None:
+    keys = _state(request).settings.keys
+    if keys:
+        check_bearer(authorization, keys)
+
+
+@router.put("/v1/tasks/{task_id}", response_model=TaskDetail, responses=ERRORS, tags=["tasks"])
+async def upload_task(
+    task_id: str,
+    request: Request,
+    response: Response,
+    authorization: Annotated[str | None, Header()] = None,
+    if_match: Annotated[str | None, Header()] = None,
+) -> TaskDetail:
+    """Upload a task artifact (raw safetensors body, `application/octet-stream`); returns its new version."""
+    state = _state(request)
+    _admin(request, authorization)
+    check_task_id(task_id)
+    expected = _if_match(if_match)
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if content_type != "application/octet-stream":
+        raise UnsupportedMediaType(
+            "upload the artifact as the raw body with Content-Type application/octet-stream, "
+            f"not {content_type}"
+        )
+    limit = state.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"artifact of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"artifact exceeds the limit of {limit} bytes")
+    if not body:
+        raise BadInput("empty body: send the task artifact (.safetensors) as the request body")
+    runtime, _ = state.require()
+    entry = await run_in_threadpool(runtime.catalog.upload, task_id, bytes(body), if_match=expected)
+    response.status_code = 201 if entry.version == 1 else 200
+    response.headers["ETag"] = f'"{entry.version}"'
+    return _detail(entry)
+
+
+@router.get("/v1/tasks", response_model=TaskPage, responses=ERRORS, tags=["tasks"])
+async def list_tasks(
+    request: Request,
+    after: Annotated[str, Query(max_length=128, description="last task id of the previous page")] = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> TaskPage:
+    runtime, _ = _state(request).require()
+    entries, total = runtime.registry.page(after=after, limit=limit)
+    last = entries[-1].task_id if len(entries) == limit else None
+    if last is not None and not runtime.registry.page(after=last, limit=1)[0]:
+        last = None
+    return TaskPage(tasks=[_summary(e) for e in entries], total=total, next=last)
+
+
+@router.get("/v1/tasks/{task_id}", response_model=TaskDetail, responses=ERRORS, tags=["tasks"])
+async def get_task(task_id: str, request: Request, response: Response) -> TaskDetail:
+    runtime, _ = _state(request).require()
+    entry = runtime.registry.get(check_task_id(task_id))
+    response.headers["ETag"] = f'"{entry.version}"'
+    return _detail(entry)
+
+
+@router.delete("/v1/tasks/{task_id}", response_model=Deleted, responses=ERRORS, tags=["tasks"])
+async def delete_task(
+    task_id: str,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Deleted:
+    state = _state(request)
+    _admin(request, authorization)
+    check_task_id(task_id)
+    expected = _if_match(if_match)
+    runtime, _ = state.require()
+    tombstone = await run_in_threadpool(runtime.catalog.delete, task_id, if_match=expected)
+    return Deleted(task_id=task_id, version=tombstone.version)
+
+
+@router.post(
+    "/v1/tasks/{task_id}/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"]
+)
+async def predict(
+    task_id: str,
+    body: PredictRequest,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> PredictResponse:
+    """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
+    state = _state(request)
+    settings = state.settings
+    if settings.predict_requires_key:
+        check_bearer(authorization, settings.keys)
+    check_task_id(task_id)
+    if not 1 <= len(body.inputs) <= settings.max_inputs:
+        raise BadInput(f"inputs must hold 1 to {settings.max_inputs} texts, got {len(body.inputs)}")
+    for i, text in enumerate(body.inputs):
+        if len(text) > settings.max_input_chars:
+            raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {settings.max_input_chars}")
+    runtime, batcher = state.require()
+    entry = runtime.registry.get(task_id)  # this version answers the whole request
+    try:
+        outputs = await asyncio.wait_for(batcher.submit(entry, body.inputs), settings.request_timeout_s)
+    except TimeoutError:
+        raise NotReady(
+            f"no answer within {settings.request_timeout_s} s; retry later", retry_after=1
+        ) from None
+    return PredictResponse(
+        task_id=task_id,
+        version=entry.version,
+        outputs=[Output(label=o.label, scores=o.scores) for o in outputs],
+    )
+
+
+@router.get("/v1/backbone", tags=["server"])
+async def backbone(request: Request) -> dict[str, Any]:
+    runtime, _ = _state(request).require()
+    bank = runtime.bank
+    return {
+        "model": runtime.backbone.name,
+        "hidden_size": runtime.backbone.hidden_size,
+        "bank": {
+            "fingerprint": bank.fingerprint,
+            "config": bank.config.to_dict(),
+            "coefficients_per_task": bank.num_slots * bank.num_templates,
+            "bytes": bank.nbytes(),
+        },
+        "kernel": {"path": runtime.kernels.path.value, "detail": runtime.kernels.detail},
+        "store": runtime.store.kind,
+        "tasks": len(runtime.registry),
+    }
+
+
+@router.get("/healthz", tags=["server"])
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["server"], responses=ERRORS)
+async def readyz(request: Request) -> dict[str, Any]:
+    """Readiness: backbone, bank and tasks loaded, batcher running."""
+    runtime, batcher = _state(request).require()
+    return {"status": "ready", "tasks": len(runtime.registry), "queued_texts": batcher.queued_texts}
+
+
+@router.get("/metrics", tags=["server"])
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,111 @@
+"""Everything the server holds while it runs, built once at start-up and torn down at shutdown.
+
+backbone -> bank (loaded, or built and cached on first start) -> kernels -> predictor
+store -> registry (every task resident) -> catalog (uploads, deletes, other replicas' changes)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import Kernels
+from recast_core.backbone import TextBackbone, load_text_backbone
+from recast_core.bank import BANK_FILE, TemplateBank, load_bank, write_report
+from recast_core.config import minilm_config
+from recast_core.mimicry import mimic
+from recast_core.task_model import artifact_spec
+from server.catalog import TaskCatalog
+from server.metrics import Metrics
+from server.predictor import Predictor
+from server.registry import TaskRegistry
+from server.settings import Settings
+from server.stores import TaskStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    backbone: TextBackbone
+    bank: TemplateBank
+    kernels: Kernels
+    predictor: Predictor
+    registry: TaskRegistry
+    store: TaskStore
+    catalog: TaskCatalog
+    metrics: Metrics
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
+    """The bank in `directory`; built with the default config (svd mimicry) and saved there if missing."""
+    if (directory / BANK_FILE).is_file():
+        return load_bank(directory)
+    log.info("no template bank yet: building the default one", extra={"bank": str(directory)})
+    start = time.perf_counter()
+    result = mimic(backbone.model, minilm_config(), "svd", probe=backbone.probe(), progress=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        result.bank.save(staging)
+        write_report(staging, result.report.to_dict() | {"fingerprint": result.bank.fingerprint})
+        if (directory / BANK_FILE).is_file():  # another process built it meanwhile: use theirs
+            return load_bank(directory)
+        if directory.exists():
+            directory.rmdir()  # an empty leftover; a non-empty one is not ours to replace (raises)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "template bank built",
+        extra={
+            "bank": str(directory),
+            "fingerprint": result.bank.fingerprint,
+            "output_cosine": result.report.output_cosine,
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
+    return result.bank
+
+
+def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
+    backbone = load_text_backbone()
+    bank = load_or_build_bank(settings.bank, backbone)
+    kernels = Kernels("cpu", path=settings.kernel)
+    metrics.kernel.info({"path": kernels.path.value, "detail": kernels.detail})
+    predictor = Predictor(backbone, bank, kernels, max_length=settings.max_length)
+    registry = TaskRegistry(artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes))
+    store = open_store(settings.store)
+    try:
+        catalog = TaskCatalog(store, registry, metrics)
+        catalog.load()
+        store.watch(catalog.on_change, catalog.resync)
+        predictor.warm_up()
+    except BaseException:
+        store.close()
+        raise
+    log.info(
+        "server runtime ready",
+        extra={
+            "backbone": backbone.name,
+            "bank_fingerprint": bank.fingerprint,
+            "kernel_path": kernels.path.value,
+            "store": store.kind,
+            "tasks": len(registry),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
+    return Runtime(settings, backbone, bank, kernels, predictor, registry, store, catalog, metrics)

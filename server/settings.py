@@ -1,0 +1,55 @@
+"""Server settings: environment variables RECAST_* (or a .env file), overridden by `recast serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".local" / "share" / "recast-serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECAST_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    bank: Path = Field(
+        default=DEFAULT_HOME / "bank", description="template bank directory (built here if missing)"
+    )
+    store: str = Field(
+        default=str(DEFAULT_HOME / "tasks"), description="task store: a directory or postgresql://..."
+    )
+    api_keys: str = Field(
+        default="", description="comma-separated keys for admin endpoints (and predict if required)"
+    )
+    predict_requires_key: bool = False
+    kernel: str | None = Field(default=None, description="force a kernel path: reference, torch or triton")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (default: torch's choice)"
+    )
+    max_batch_texts: int = Field(default=64, ge=1, le=4096, description="texts per batched forward")
+    max_wait_ms: float = Field(default=5.0, ge=0, le=1000, description="how long a batch waits to fill up")
+    max_queue_texts: int = Field(
+        default=2048, ge=1, description="texts waiting beyond which requests get 429"
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, description="a predict waiting longer gets 503")
+    max_inputs: int = Field(default=256, ge=1, le=4096, description="inputs per predict request")
+    max_input_chars: int = Field(default=4096, ge=1, description="characters per input text")
+    max_length: int = Field(
+        default=64, ge=8, le=512, description="tokens per input (longer inputs are truncated)"
+    )
+    max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
+    log_level: str = "info"
+
+    @field_validator("store")
+    @classmethod
+    def _store_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("store must be a directory path or a postgresql:// DSN")
+        return value.strip()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())

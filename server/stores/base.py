@@ -1,0 +1,85 @@
+"""The store interface every backend implements, and `open_store` to pick one from a setting.
+
+Versions are assigned by the store and never reused for a task id: every upload and every delete takes the
+next number (a delete leaves a tombstone holding its version). Replicas therefore agree on which of two
+changes is newer, and a registry can always keep the newest one it has seen, whatever order changes arrive.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    """One version of a task: the artifact bytes as uploaded (`data` is None for a tombstone)."""
+
+    task_id: str
+    version: int
+    data: bytes | None
+    updated: str  # ISO 8601, UTC
+
+    @property
+    def deleted(self) -> bool:
+        return self.data is None
+
+
+@dataclass(frozen=True)
+class Change:
+    """A store notification: task `task_id` now has version `version` (a tombstone if deleted)."""
+
+    task_id: str
+    version: int
+    deleted: bool
+
+
+class TaskStore(ABC):
+    """Durable task artifacts. Thread-safe; every method may block on I/O (call it off the event loop)."""
+
+    #: a short name for logs and /v1/backbone ("directory", "postgresql")
+    kind: str = ""
+
+    @abstractmethod
+    def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
+        """Store `data` as the task's next version, durably, before returning it.
+
+        if_match: only if the task's live version is exactly this (0: the task must not exist);
+        otherwise server.errors.VersionConflict. A failure leaves the previous version intact.
+        """
+
+    @abstractmethod
+    def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
+        """Replace the live task by a tombstone with the next version; UnknownTask if there is none."""
+
+    @abstractmethod
+    def get(self, task_id: str) -> StoredTask | None:
+        """The newest version of one task (a tombstone if deleted), or None if never stored."""
+
+    @abstractmethod
+    def scan(self) -> Iterator[StoredTask]:
+        """Every task's newest version, tombstones included, in no particular order (start-up, resync)."""
+
+    def watch(self, on_change: Callable[[Change], None], on_resync: Callable[[], None]) -> None:  # noqa: B027
+        """Deliver other writers' changes from a background thread until `close`.
+
+        on_resync is called after a lost connection is restored (changes may have been missed: rescan).
+        A store that has a single writer (the directory store) has nothing to deliver.
+        """
+
+    def close(self) -> None:  # noqa: B027
+        """Stop watching and release connections."""
+
+
+def open_store(location: str) -> TaskStore:
+    """`postgresql://...` (or `postgres://`) -> PostgreSQL store; anything else is a directory path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from server.stores.postgres import PostgresStore
+
+        return PostgresStore(location)
+    from pathlib import Path
+
+    from server.stores.directory import DirectoryStore
+
+    return DirectoryStore(Path(location))
