@@ -144,6 +144,44 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server import create_app
+    from server.settings import Settings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("bank", args.bank),
+            ("store", args.store),
+        )
+        if value is not None
+    }
+    if args.preload:
+        overrides["preload"] = ",".join(args.preload)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"bad setting: {problems}") from None
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise UsageError("the server did not start (the reason is in the log above)")
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -192,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=Path, required=True)
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the inference server (other settings: RECAST_* environment variables, see README)",
+    )
+    p.add_argument("--host", help="bind address (default 127.0.0.1, RECAST_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8000, RECAST_PORT)")
+    p.add_argument("--bank", type=Path, help="template bank directory, built there if missing (RECAST_BANK)")
+    p.add_argument("--store", help="task store: a directory or a postgresql:// DSN (RECAST_STORE)")
+    p.add_argument(
+        "--preload",
+        action="append",
+        metavar="TASK_ID=ARTIFACT",
+        help="store this artifact as the task at start-up unless the task already holds it (repeatable)",
+    )
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("datasets", help="bundled real data sets with fixed splits")
     p.add_argument("action", choices=("list", "export"))

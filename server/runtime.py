@@ -6,6 +6,7 @@ store -> registry (every task resident) -> catalog (uploads, deletes, other repl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -19,9 +20,11 @@ from kernels import Kernels
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import BANK_FILE, TemplateBank, load_bank, write_report
 from recast_core.config import minilm_config
+from recast_core.errors import BankError
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from server.catalog import TaskCatalog
+from server.errors import UnknownTask
 from server.metrics import Metrics
 from server.predictor import Predictor
 from server.registry import TaskRegistry
@@ -78,6 +81,21 @@ def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
     return result.bank
 
 
+def _preload(catalog: TaskCatalog, task_id: str, path: Path) -> None:
+    """Store the artifact at `path` as `task_id` unless the task already holds exactly these bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BankError(f"cannot read preload artifact {path}: {exc}") from None
+    try:
+        if catalog.registry.get(task_id).digest == hashlib.sha256(data).hexdigest():
+            return
+    except UnknownTask:
+        pass
+    entry = catalog.upload(task_id, data)
+    log.info("task preloaded", extra={"task_id": task_id, "version": entry.version, "artifact": str(path)})
+
+
 def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -92,6 +110,8 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     try:
         catalog = TaskCatalog(store, registry, metrics)
         catalog.load()
+        for task_id, path in settings.preloads:
+            _preload(catalog, task_id, path)
         store.watch(catalog.on_change, catalog.resync)
         predictor.warm_up()
     except BaseException:

@@ -41,7 +41,28 @@ class Settings(BaseSettings):
         default=64, ge=8, le=512, description="tokens per input (longer inputs are truncated)"
     )
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
-    log_level: str = "info"
+    preload: str = Field(
+        default="", description="TASK_ID=ARTIFACT pairs, comma-separated, stored at start-up if not held yet"
+    )
+
+    @property
+    def preloads(self) -> tuple[tuple[str, Path], ...]:
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.preload.split(","))):
+            task_id, sep, path = item.partition("=")
+            if not sep or not task_id.strip() or not path.strip():
+                raise ValueError(f"preload entries are TASK_ID=ARTIFACT, got {item!r}")
+            pairs.append((task_id.strip(), Path(path.strip()).expanduser()))
+        return tuple(pairs)
+
+    @field_validator("preload")
+    @classmethod
+    def _preload_pairs(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            task_id, sep, path = item.partition("=")
+            if not sep or not task_id.strip() or not path.strip():
+                raise ValueError(f"preload entries are TASK_ID=ARTIFACT, got {item!r}")
+        return value
 
     @field_validator("store")
     @classmethod

@@ -6,9 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_cluster import PgCluster
 
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import TemplateBank
@@ -42,3 +44,18 @@ def bank_dir(default_bank: TemplateBank, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def trec() -> Splits:
     return load_splits("trec")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PgCluster]:
+    """A real, throwaway PostgreSQL server for the session; tests may stop, start or restart it."""
+    cluster = PgCluster.create()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_cluster: PgCluster) -> str:
+    return postgres_cluster.dsn

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from server_harness import serving, task_artifact
 
 from recast_core.artifact import TaskArtifact
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.task_model import TextTaskModel
 from server.settings import Settings
-from tests.server_harness import serving, task_artifact
 
 KEY = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/octet-stream"}
 TEXTS = ["Who wrote Hamlet?", "How far is the Moon?", "free entry in a weekly prize draw", "ok see you at 5"]
 
 
-def _settings(bank_dir: Path, store: Path, **overrides: Any) -> Settings:
+def _settings(bank_dir: Path, store: Path | str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "bank": bank_dir,
         "store": str(store),
@@ -303,3 +304,47 @@ def test_first_start_builds_and_caches_the_bank(
     assert fingerprint == default_bank.fingerprint, (
         "svd mimicry is deterministic: same bank, same fingerprint"
     )
+
+
+def test_two_replicas_on_one_postgresql_see_each_others_changes(
+    bank_dir: Path,
+    tmp_path: Path,
+    postgres_dsn: str,
+    backbone: TextBackbone,
+    default_bank: TemplateBank,
+    artifacts: dict[str, TaskArtifact],
+) -> None:
+    def wait_for(http: httpx.Client, path: str, status: int, version: int | None = None) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < 1.0:
+            response = http.get(path)
+            if response.status_code == status and (version is None or response.json()["version"] == version):
+                return time.monotonic() - start
+            time.sleep(0.01)
+        raise AssertionError(f"{path} did not answer {status} (version {version}) within 1 s")
+
+    settings = _settings(bank_dir, postgres_dsn)
+    with (
+        serving(settings) as url_a,
+        serving(settings) as url_b,
+        httpx.Client(base_url=url_a, timeout=60) as a,
+        httpx.Client(base_url=url_b, timeout=60) as b,
+    ):
+        assert a.get("/v1/backbone").json()["store"] == "postgresql"
+        assert (
+            a.put("/v1/tasks/shared", content=artifacts["topic"].to_bytes(), headers=ADMIN).status_code == 201
+        )
+        wait_for(b, "/v1/tasks/shared", 200, version=1)
+        answer = b.post("/v1/tasks/shared/predict", json={"inputs": TEXTS}).json()
+        _assert_outputs(answer["outputs"], _expected(backbone, default_bank, artifacts["topic"]))
+        b.put("/v1/tasks/shared", content=artifacts["spam"].to_bytes(), headers=ADMIN)
+        wait_for(a, "/v1/tasks/shared", 200, version=2)
+        assert a.delete("/v1/tasks/shared", headers=ADMIN | {"If-Match": "2"}).status_code == 200
+        wait_for(b, "/v1/tasks/shared", 404)
+    # a replica started later loads the current state, tombstones included
+    with serving(settings) as url_c, httpx.Client(base_url=url_c, timeout=60) as c:
+        assert c.get("/v1/tasks/shared").status_code == 404
+        assert (
+            c.put("/v1/tasks/shared", content=artifacts["topic"].to_bytes(), headers=ADMIN).json()["version"]
+            == 4
+        )
