@@ -27,15 +27,31 @@ $(BANK)/bank.safetensors: | $(STAMP)
 
 bank: $(BANK)/bank.safetensors
 
-# Main job: mimic the default backbone (cached), train a demo task on real data, print its accuracy.
-run: system-deps $(BANK)/bank.safetensors
-	$(RECAST) datasets export trec --out $(DEMO)/trec
-	$(RECAST) train --bank $(BANK) --data $(DEMO)/trec/train.csv --val-data $(DEMO)/trec/val.csv \
-		--test-data $(DEMO)/trec/test.csv \
-		--max-train-examples 2000 --epochs 4 --out $(DEMO)/trec.safetensors
-	$(RECAST) inspect $(DEMO)/trec.safetensors
-	$(RECAST) predict --bank $(BANK) --task $(DEMO)/trec.safetensors \
-		"How far is the Moon from the Earth?" "Who wrote Hamlet?" "What does NASA stand for?"
+# Demo tasks trained once from bundled real data (TREC question types, SMS spam) and cached.
+$(DEMO)/%.safetensors: | $(BANK)/bank.safetensors
+	$(RECAST) datasets export $* --out $(DEMO)/$*
+	$(RECAST) train --bank $(BANK) --data $(DEMO)/$*/train.csv --val-data $(DEMO)/$*/val.csv \
+		--test-data $(DEMO)/$*/test.csv --max-train-examples 1000 --epochs 3 --out $@
+
+demo: $(DEMO)/trec.safetensors $(DEMO)/sms_spam.safetensors
+
+# Main job: the server on the default backbone at 127.0.0.1:8000, with the demo tasks loaded.
+run: system-deps $(BANK)/bank.safetensors demo
+	@echo
+	@echo "Starting the server on http://127.0.0.1:8000 (API docs: http://127.0.0.1:8000/docs). Once the log"
+	@echo "says 'server runtime ready', try from another terminal:"
+	@echo
+	@echo "  curl -s http://127.0.0.1:8000/v1/tasks"
+	@echo "  curl -s -X POST http://127.0.0.1:8000/v1/tasks/trec/predict -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"inputs\": [\"Who wrote Hamlet?\", \"How far is the Moon from the Earth?\"]}'"
+	@echo "  curl -s -X POST http://127.0.0.1:8000/v1/tasks/sms_spam/predict -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"inputs\": [\"WINNER! Claim your free prize now\", \"see you at 5?\"]}'"
+	@echo "  curl -s -X PUT http://127.0.0.1:8000/v1/tasks/my-task --data-binary @$(DEMO)/trec.safetensors \\"
+	@echo "       -H 'Content-Type: application/octet-stream'"
+	@echo "  curl -s http://127.0.0.1:8000/metrics | grep recast_"
+	@echo
+	$(RECAST) serve --bank $(BANK) --store $(CACHE)/tasks \
+		--preload trec=$(DEMO)/trec.safetensors --preload sms_spam=$(DEMO)/sms_spam.safetensors
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -54,6 +54,8 @@ def load() -> ModuleType | None:
 
             directory = build_dir()
             directory.mkdir(parents=True, exist_ok=True)
+            if not any(directory.glob("*.so")):
+                log.info("building the compiled CPU kernel (once per machine)", extra={"dir": str(directory)})
             module = build(
                 name="recast_segmented_linear",
                 sources=[str(SOURCE)],

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
@@ -201,12 +202,29 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error type for any inconsistency
         raise ArtifactCorrupt(f"tensor data is unreadable: {exc}") from exc
+    if _all_finite(tensors):  # the common case in one pass; otherwise name the tensor and the count
+        return _artifact(tensors, labels, fingerprint, training, created, version)
     for key in KEYS:
         if not bool(torch.isfinite(tensors[key]).all()):
             bad = int((~torch.isfinite(tensors[key])).sum())
             raise ArtifactNonFinite(
                 f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad
             )
+    return _artifact(tensors, labels, fingerprint, training, created, version)
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(np.isfinite(tensors[key].numpy()).all()) for key in KEYS)
+
+
+def _artifact(
+    tensors: dict[str, torch.Tensor],
+    labels: tuple[str, ...],
+    fingerprint: str,
+    training: dict[str, Any],
+    created: str,
+    version: int,
+) -> TaskArtifact:
     return TaskArtifact(
         coefficients=tensors["coefficients"],
         head_weight=tensors["head.weight"],
