@@ -39,6 +39,12 @@ class Metrics:
             "recast_overload_rejections", "requests refused because the queue was full", registry=r
         )
         self.tasks_resident = Gauge("recast_tasks_resident", "tasks the server can answer now", registry=r)
+        self.upload_seconds = Histogram(
+            "recast_upload_seconds",
+            "server-side seconds from a received upload to the new version being servable (stored durably)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.uploads = Counter("recast_uploads", "task uploads stored and servable", registry=r)
         self.upload_rejections = Counter(
             "recast_upload_rejections", "task uploads refused, by reason", ["reason"], registry=r

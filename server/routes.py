@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -149,9 +150,13 @@ async def upload_task(
     if not body:
         raise BadInput("empty body: send the task artifact (.safetensors) as the request body")
     runtime, _ = state.require()
+    start = time.perf_counter()
     entry = await run_in_threadpool(runtime.catalog.upload, task_id, bytes(body), if_match=expected)
+    seconds = time.perf_counter() - start  # validated, stored durably and servable
+    state.metrics.upload_seconds.observe(seconds)
     response.status_code = 201 if entry.version == 1 else 200
     response.headers["ETag"] = f'"{entry.version}"'
+    response.headers["Server-Timing"] = f"upload;dur={1000 * seconds:.3f}"
     return _detail(entry)
 
 

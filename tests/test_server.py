@@ -79,6 +79,7 @@ def test_upload_predict_list_delete_and_metrics(
         created = http.put("/v1/tasks/sentiment", content=data, headers=ADMIN)
         assert created.status_code == 201, created.text
         assert created.json()["version"] == 1 and created.headers["etag"] == '"1"'
+        assert float(created.headers["server-timing"].partition("upload;dur=")[2]) > 0
         assert created.json()["trainable_parameters"] == default_bank.num_slots * default_bank.num_templates
         assert http.put("/v1/tasks/sentiment", content=data, headers=ADMIN).json()["version"] == 2
 
@@ -112,6 +113,7 @@ def test_upload_predict_list_delete_and_metrics(
         )
         assert "recast_kernel_info{detail=" in metrics and 'path="torch"' in metrics
         assert "recast_batch_texts_count" in metrics
+        assert "recast_upload_seconds_count 4.0" in metrics
 
     # a new server on the same store serves the same tasks and versions
     with (
