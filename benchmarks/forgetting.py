@@ -28,7 +28,7 @@ from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from recast_core.training import TrainOptions, train_task
 from server.catalog import TaskCatalog
-from server.predictor import Predictor
+from server.predictor import Predictor, TaskRequest
 from server.registry import TaskRegistry
 from server.stores.directory import DirectoryStore
 
@@ -56,22 +56,22 @@ def run(
         data = result.artifact.to_bytes()
         entry = catalog.upload(task, data)
         texts = list(splits.test.texts[:probe])
-        recorded[task] = (texts, predictor.logits([(entry, texts)])[0], data)
+        recorded[task] = (texts, predictor.logits([TaskRequest(entry, registry.head(entry), texts)])[0], data)
         for earlier, (probe_texts, before, stored) in recorded.items():
             current = registry.get(earlier)
-            after = predictor.logits([(current, probe_texts)])[0]
+            after = predictor.logits([TaskRequest(current, registry.head(current), probe_texts)])[0]
             checks.append(
                 {
                     "after_training": task,
                     "task": earlier,
                     "texts": len(probe_texts),
                     "logits_identical": bool(torch.equal(before, after)),
-                    "artifact_identical": current.artifact.to_bytes() == stored,
+                    "artifact_identical": getattr(catalog.store.get(earlier), "data", None) == stored,
                     "max_abs_diff": float((after - before).abs().max()),
                 }
             )
     # every task in one mixed batch against each task alone (different batch shapes: close, not bitwise)
-    requests = [(registry.get(task), recorded[task][0]) for task in tasks]
+    requests = [TaskRequest(*registry.resolve(task), recorded[task][0]) for task in tasks]
     mixed = predictor.logits(requests)
     mixed_diff = max(float((m - recorded[t][1]).abs().max()) for m, t in zip(mixed, tasks, strict=True))
     return {

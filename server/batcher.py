@@ -21,19 +21,21 @@ from dataclasses import dataclass
 
 from server.errors import NotReady, Overloaded
 from server.metrics import Metrics
-from server.predictor import Output
-from server.registry import TaskEntry
+from server.predictor import Output, TaskRequest
 
 log = logging.getLogger(__name__)
-Forward = Callable[[Sequence[tuple[TaskEntry, Sequence[str]]]], list[list[Output]]]
+Forward = Callable[[Sequence[TaskRequest]], list[list[Output]]]
 
 
 @dataclass(eq=False)
-class _Request:
-    entry: TaskEntry
-    texts: Sequence[str]
+class _Pending:
+    request: TaskRequest
     future: asyncio.Future[list[Output]]
     enqueued: float
+
+    @property
+    def texts(self) -> Sequence[str]:
+        return self.request.texts
 
 
 class Batcher:
@@ -49,7 +51,7 @@ class Batcher:
         self.forward = forward
         self.max_batch_texts, self.max_wait, self.max_queue_texts = max_batch_texts, max_wait, max_queue_texts
         self.metrics = metrics
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[_Pending] = deque()
         self._pending_texts = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="recast-forward")
@@ -81,10 +83,10 @@ class Batcher:
         self._pending_texts = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, entry: TaskEntry, texts: Sequence[str]) -> list[Output]:
+    async def submit(self, request: TaskRequest) -> list[Output]:
         if self._closed:
             raise NotReady("the server is shutting down", retry_after=1)
-        if self._pending_texts + len(texts) > self.max_queue_texts:
+        if self._pending_texts + len(request.texts) > self.max_queue_texts:
             if self.metrics is not None:
                 self.metrics.rejected.inc()
             wait = max(1.0, math.ceil(self._pending_texts * self._seconds_per_text))
@@ -93,8 +95,8 @@ class Batcher:
                 retry_after=wait,
             )
         future: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(entry, texts, future, time.monotonic()))
-        self._pending_texts += len(texts)
+        self._pending.append(_Pending(request, future, time.monotonic()))
+        self._pending_texts += len(request.texts)
         self._gauge()
         self._wakeup.set()
         return await future
@@ -125,9 +127,9 @@ class Batcher:
             if self._pending or self._closed:
                 self._wakeup.set()
 
-    def _take(self) -> list[_Request]:
+    def _take(self) -> list[_Pending]:
         """Whole requests, oldest first, up to max_batch_texts (at least one); skips abandoned ones."""
-        batch: list[_Request] = []
+        batch: list[_Pending] = []
         texts = 0
         while self._pending:
             request = self._pending[0]
@@ -144,8 +146,8 @@ class Batcher:
         self._gauge()
         return batch
 
-    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
-        requests = [(r.entry, r.texts) for r in batch]
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        requests = [r.request for r in batch]
         texts = sum(len(r.texts) for r in batch)
         start = time.perf_counter()
         try:
@@ -160,7 +162,7 @@ class Batcher:
         self._seconds_per_text = 0.8 * self._seconds_per_text + 0.2 * seconds / max(1, texts)
         if self.metrics is not None:
             self.metrics.batch_texts.observe(texts)
-            self.metrics.batch_tasks.observe(len({r.entry.cache_key for r in batch}))
+            self.metrics.batch_tasks.observe(len({r.request.entry.cache_key for r in batch}))
             self.metrics.forward_seconds.observe(seconds)
         for r, outputs in zip(batch, results, strict=True):
             if not r.future.done():

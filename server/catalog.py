@@ -6,6 +6,7 @@ in the registry the same way: as a stored version that is installed unless a new
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from recast_core.artifact import TaskArtifact
 from server.errors import ArtifactRejected
+from server.heads import Head, Superseded
 from server.metrics import Metrics
 from server.registry import TaskEntry, TaskRegistry, check_task_id
 from server.stores.base import Change, StoredTask, TaskStore
@@ -23,6 +25,17 @@ log = logging.getLogger(__name__)
 class TaskCatalog:
     def __init__(self, store: TaskStore, registry: TaskRegistry, metrics: Metrics | None = None) -> None:
         self.store, self.registry, self.metrics = store, registry, metrics
+        registry.heads.load = self.load_head  # heads evicted from memory are read back from this store
+
+    def load_head(self, entry: TaskEntry) -> Head:
+        """The head of exactly this version, from the store; Superseded if the store moved on."""
+        stored = self.store.get(entry.task_id)
+        if stored is None or stored.data is None or stored.version != entry.version:
+            raise Superseded(f"task {entry.task_id!r} version {entry.version} is no longer stored")
+        if hashlib.sha256(stored.data).hexdigest() != entry.digest:
+            raise Superseded(f"task {entry.task_id!r} version {entry.version} changed in the store")
+        artifact = self.registry.validate(stored.data)
+        return artifact.head_weight, artifact.head_bias
 
     def load(self, progress: bool = True) -> int:
         """Install every stored task (start-up and resync); returns how many are live."""

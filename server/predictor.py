@@ -11,6 +11,7 @@ from kernels import Kernels
 from recast_core.backbone import DEFAULT_MAX_LENGTH, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.multitask import MultiTaskEncoder
+from server.heads import Head
 from server.registry import TaskEntry
 
 
@@ -18,6 +19,15 @@ from server.registry import TaskEntry
 class Output:
     label: str
     scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """Texts for one task version, with that version's head (both taken together when the request came)."""
+
+    entry: TaskEntry
+    head: Head
+    texts: Sequence[str]
 
 
 class Predictor:
@@ -35,28 +45,28 @@ class Predictor:
         self.max_length = max_length
         self.encoder = MultiTaskEncoder(backbone, bank, kernels)
 
-    def logits(self, requests: Sequence[tuple[TaskEntry, Sequence[str]]]) -> list[torch.Tensor]:
+    def logits(self, requests: Sequence[TaskRequest]) -> list[torch.Tensor]:
         """(len(texts), C_task) logits per request, all requests in one encoder forward."""
-        texts = [text for _, batch in requests for text in batch]
+        texts = [text for r in requests for text in r.texts]
         if not texts:
-            return [torch.zeros(0, len(entry.labels)) for entry, _ in requests]
+            return [torch.zeros(0, len(r.entry.labels)) for r in requests]
         slots: dict[str, int] = {}
-        for entry, _ in requests:
-            slots.setdefault(entry.cache_key, len(slots))
-        entries = {entry.cache_key: entry for entry, _ in requests}
+        for r in requests:
+            slots.setdefault(r.entry.cache_key, len(slots))
+        entries = {r.entry.cache_key: r.entry for r in requests}
         table = torch.stack([entries[key].coefficients for key in slots])
         task_of_text = torch.tensor(
-            [slots[entry.cache_key] for entry, batch in requests for _ in batch], dtype=torch.int64
+            [slots[r.entry.cache_key] for r in requests for _ in r.texts], dtype=torch.int64
         )
         tokens = self.backbone.tokenize(texts, max_length=self.max_length)
         embeddings = self.encoder(
             tokens["input_ids"], tokens["attention_mask"], task_of_text, table, list(slots)
         )
         out, start = [], 0
-        for entry, batch in requests:
-            rows = embeddings[start : start + len(batch)]
-            start += len(batch)
-            out.append(torch.nn.functional.linear(rows, entry.artifact.head_weight, entry.artifact.head_bias))
+        for r in requests:
+            rows = embeddings[start : start + len(r.texts)]
+            start += len(r.texts)
+            out.append(torch.nn.functional.linear(rows, *r.head))
         return out
 
     def warm_up(self) -> None:
@@ -70,15 +80,16 @@ class Predictor:
             torch.stack([base, base * 0.5]),
         )
 
-    def predict(self, requests: Sequence[tuple[TaskEntry, Sequence[str]]]) -> list[list[Output]]:
+    def predict(self, requests: Sequence[TaskRequest]) -> list[list[Output]]:
         results = []
-        for (entry, _), logits in zip(requests, self.logits(requests), strict=True):
+        for r, logits in zip(requests, self.logits(requests), strict=True):
             probs = torch.softmax(logits, dim=-1)
+            labels = r.entry.labels
             results.append(
                 [
                     Output(
-                        label=entry.labels[int(row.argmax())],
-                        scores={label: float(p) for label, p in zip(entry.labels, row, strict=True)},
+                        label=labels[int(row.argmax())],
+                        scores={label: float(p) for label, p in zip(labels, row, strict=True)},
                     )
                     for row in probs
                 ]

@@ -13,14 +13,17 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.errors import ArtifactError
-from server.errors import ArtifactRejected, InvalidTaskId, UnknownTask
+from server.errors import ArtifactRejected, InvalidTaskId, NotReady, UnknownTask
+from server.heads import Head, HeadCache, Superseded
 from server.stores.base import StoredTask
 
+DEFAULT_HEAD_BYTES = 1 << 30
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -34,12 +37,36 @@ def check_task_id(task_id: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class TaskEntry:
+    """One version of a task, without its head (held by the registry's HeadCache, keyed by `digest`)."""
+
     task_id: str
     version: int
-    artifact: TaskArtifact
+    coefficients: torch.Tensor  # (M, n)
+    labels: tuple[str, ...]
+    head_parameters: int
     size_bytes: int
     updated: str
     digest: str  # sha256 of the artifact bytes
+    created: str
+    bank_fingerprint: str
+    training: dict[str, Any]
+
+    @classmethod
+    def of(cls, stored: StoredTask, artifact: TaskArtifact, digest: str) -> TaskEntry:
+        assert stored.data is not None
+        return cls(
+            task_id=stored.task_id,
+            version=stored.version,
+            coefficients=artifact.coefficients,
+            labels=artifact.labels,
+            head_parameters=artifact.head_parameters,
+            size_bytes=len(stored.data),
+            updated=stored.updated,
+            digest=digest,
+            created=artifact.created,
+            bank_fingerprint=artifact.bank_fingerprint,
+            training=artifact.training,
+        )
 
     @property
     def cache_key(self) -> str:
@@ -47,12 +74,8 @@ class TaskEntry:
         return self.digest
 
     @property
-    def coefficients(self) -> torch.Tensor:
-        return self.artifact.coefficients
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.artifact.labels
+    def trainable_parameters(self) -> int:
+        return int(self.coefficients.numel())
 
 
 class TaskRegistry:
@@ -62,8 +85,9 @@ class TaskRegistry:
     (deletes included, as tombstones), so changes arriving late or twice never roll a task back.
     """
 
-    def __init__(self, spec: ArtifactSpec) -> None:
+    def __init__(self, spec: ArtifactSpec, heads: HeadCache | None = None) -> None:
         self.spec = spec
+        self.heads = heads if heads is not None else HeadCache(DEFAULT_HEAD_BYTES)
         self._entries: dict[str, TaskEntry] = {}
         self._versions: dict[str, int] = {}  # newest version seen per id, tombstones included
         self._sorted: list[str] | None = []  # live ids in order, rebuilt lazily when the set of ids changes
@@ -89,10 +113,8 @@ class TaskRegistry:
         entry = None
         if stored.data is not None:
             artifact = artifact if artifact is not None else self.validate(stored.data)
-            digest = hashlib.sha256(stored.data).hexdigest()
-            entry = TaskEntry(
-                stored.task_id, stored.version, artifact, len(stored.data), stored.updated, digest
-            )
+            entry = TaskEntry.of(stored, artifact, hashlib.sha256(stored.data).hexdigest())
+            self.heads.put(entry.digest, (artifact.head_weight, artifact.head_bias))
         with self._lock:
             if stored.version <= self._versions.get(stored.task_id, 0):
                 return None
@@ -105,6 +127,20 @@ class TaskRegistry:
                     self._sorted = None
                 self._entries[stored.task_id] = entry
         return entry
+
+    def head(self, entry: TaskEntry) -> Head:
+        """The entry's classifier head (cached, or read back from the store; raises Superseded)."""
+        return self.heads.get(entry)
+
+    def resolve(self, task_id: str) -> tuple[TaskEntry, Head]:
+        """The task's current entry with its head; a version replaced while loading yields the newer one."""
+        for _ in range(3):
+            entry = self.get(task_id)
+            try:
+                return entry, self.head(entry)
+            except Superseded:
+                continue
+        raise NotReady(f"task {task_id!r} is being replaced faster than it can be loaded", retry_after=1)
 
     def known_version(self, task_id: str) -> int:
         """The newest version seen for the id (0: never), a tombstone's included."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from server.auth import check_bearer
 from server.errors import BadInput, NotReady, PayloadTooLarge, UnsupportedMediaType
+from server.predictor import TaskRequest
 from server.registry import TaskEntry, check_task_id
 
 router = APIRouter()
@@ -91,15 +92,14 @@ def _summary(entry: TaskEntry) -> TaskSummary:
 
 
 def _detail(entry: TaskEntry) -> TaskDetail:
-    art = entry.artifact
     return TaskDetail(
         **_summary(entry).model_dump(),
-        created=art.created,
-        bank_fingerprint=art.bank_fingerprint,
+        created=entry.created,
+        bank_fingerprint=entry.bank_fingerprint,
         digest=entry.digest,
-        trainable_parameters=art.trainable_parameters,
-        head_parameters=art.head_parameters,
-        training=art.training,
+        trainable_parameters=entry.trainable_parameters,
+        head_parameters=entry.head_parameters,
+        training=entry.training,
     )
 
 
@@ -219,9 +219,14 @@ async def predict(
         if len(text) > settings.max_input_chars:
             raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {settings.max_input_chars}")
     runtime, batcher = state.require()
-    entry = runtime.registry.get(task_id)  # this version answers the whole request
+    registry = runtime.registry
+    entry = registry.get(task_id)  # this version (and its head) answers the whole request
+    head = registry.heads.cached(entry.digest)
+    if head is None:  # evicted under the memory budget: read back from the store, off the event loop
+        entry, head = await run_in_threadpool(registry.resolve, task_id)
     try:
-        outputs = await asyncio.wait_for(batcher.submit(entry, body.inputs), settings.request_timeout_s)
+        work = TaskRequest(entry, head, body.inputs)
+        outputs = await asyncio.wait_for(batcher.submit(work), settings.request_timeout_s)
     except TimeoutError:
         raise NotReady(
             f"no answer within {settings.request_timeout_s} s; retry later", retry_after=1

@@ -25,6 +25,7 @@ from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from server.catalog import TaskCatalog
 from server.errors import UnknownTask
+from server.heads import HeadCache
 from server.metrics import Metrics
 from server.predictor import Predictor
 from server.registry import TaskRegistry
@@ -105,7 +106,10 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     kernels = Kernels("cpu", path=settings.kernel)
     metrics.kernel.info({"path": kernels.path.value, "detail": kernels.detail})
     predictor = Predictor(backbone, bank, kernels, max_length=settings.max_length)
-    registry = TaskRegistry(artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes))
+    registry = TaskRegistry(
+        artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes),
+        HeadCache(settings.head_cache_bytes),
+    )
     store = open_store(settings.store)
     try:
         catalog = TaskCatalog(store, registry, metrics)

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_length: int = Field(
         default=64, ge=8, le=512, description="tokens per input (longer inputs are truncated)"
     )
+    head_cache_bytes: int = Field(
+        default=1 << 30, ge=0, description="memory for classifier heads; others are read back from the store"
+    )
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
     preload: str = Field(
         default="", description="TASK_ID=ARTIFACT pairs, comma-separated, stored at start-up if not held yet"

@@ -13,6 +13,7 @@ import torch
 from recast_core.artifact import ArtifactSpec, TaskArtifact
 from server.catalog import TaskCatalog
 from server.errors import ArtifactRejected, InvalidTaskId, StoreError, UnknownTask, VersionConflict
+from server.heads import HeadCache, Superseded
 from server.registry import TaskRegistry, check_task_id
 from server.stores.base import StoredTask
 from server.stores.directory import DirectoryStore
@@ -145,3 +146,24 @@ def test_directory_store_survives_a_crash_mid_upload_and_restarts(tmp_path: Path
     assert catalog.load(progress=False) == 1
     assert catalog.upload("gone", v1).version == 3
     reopened.close()
+
+
+def test_heads_beyond_the_budget_are_read_back_from_the_store(tmp_path: Path) -> None:
+    artifacts = [_artifact(i) for i in range(3)]
+    head_bytes = (3 * 8 + 3) * 4
+    catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(SPEC, HeadCache(2 * head_bytes)))
+    registry = catalog.registry
+    entries = [catalog.upload(f"t{i}", a.to_bytes()) for i, a in enumerate(artifacts)]
+    assert len(registry.heads) == 2 and registry.heads.cached(entries[0].digest) is None, "oldest evicted"
+    weight, bias = registry.head(entries[0])  # read back from the store
+    assert torch.equal(weight, artifacts[0].head_weight) and torch.equal(bias, artifacts[0].head_bias)
+    assert registry.heads.misses == 1 and registry.heads.cached(entries[0].digest) is not None
+    # the task is replaced and the old version's head is gone from memory: the old entry is superseded
+    old = entries[1]
+    catalog.upload("t1", artifacts[2].to_bytes())
+    registry.heads.put("filler-a", (torch.zeros(3, 8), torch.zeros(3)))
+    registry.heads.put("filler-b", (torch.zeros(3, 8), torch.zeros(3)))
+    with pytest.raises(Superseded):
+        registry.head(old)
+    entry, (weight, _) = registry.resolve("t1")
+    assert entry.version == 2 and torch.equal(weight, artifacts[2].head_weight)

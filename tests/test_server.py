@@ -216,17 +216,21 @@ def test_every_error_answers_its_status_and_typed_body(
         assert http.post("/v1/tasks/t/predict", json={"inputs": ["still here"]}).status_code == 200
 
 
+@pytest.mark.parametrize("head_cache_bytes", [1 << 30, 0], ids=["heads_resident", "heads_from_store"])
 def test_concurrent_predicts_during_reuploads_are_never_mixed(
     bank_dir: Path,
     tmp_path: Path,
     backbone: TextBackbone,
     default_bank: TemplateBank,
     artifacts: dict[str, TaskArtifact],
+    head_cache_bytes: int,
 ) -> None:
+    """With no memory for heads every predict reads its head back from the store while uploads replace it."""
     odd, even = artifacts["sentiment"], task_artifact(default_bank, 7, labels=("low", "high"))
     want = {1: _expected(backbone, default_bank, odd), 0: _expected(backbone, default_bank, even)}
+    settings = _settings(bank_dir, tmp_path / "tasks", head_cache_bytes=head_cache_bytes)
     with (
-        serving(_settings(bank_dir, tmp_path / "tasks")) as url,
+        serving(settings) as url,
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         http.put("/v1/tasks/hot", content=odd.to_bytes(), headers=ADMIN)
