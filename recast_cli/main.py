@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preload",
         action="append",
         metavar="TASK_ID=ARTIFACT",
-        help="store this artifact as the task at start-up unless the task already holds it (repeatable)",
+        help="store this artifact as the task at start-up if the store never held the task (repeatable)",
     )
     p.set_defaults(func=_cmd_serve)
 

@@ -20,13 +20,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.batcher import Batcher
-from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, ServerError
+from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServerError
 from server.metrics import Metrics
 from server.routes import router
 from server.runtime import Runtime, start_runtime
 from server.settings import Settings
 
-log = logging.getLogger("server.access")
+log = logging.getLogger("server.app")
+access = logging.getLogger("server.access")
 
 
 class AppState:
@@ -39,7 +40,7 @@ class AppState:
         self.ready = False
 
     def require(self) -> tuple[Runtime, Batcher]:
-        if not self.ready or self.runtime is None or self.batcher is None:
+        if not self.ready or self.runtime is None or self.batcher is None or not self.batcher.healthy:
             raise NotReady("the server is starting or stopping", retry_after=2)
         return self.runtime, self.batcher
 
@@ -70,7 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(runtime.close)
             log.info("server stopped")
 
+    # no request body beyond what an upload or a full predict request can need (6 bytes per escaped char)
+    max_body = max(settings.max_upload_bytes, settings.max_inputs * (6 * settings.max_input_chars + 8) + 1024)
     app = FastAPI(
+        max_body_size=max_body,
         title="recast-serve",
         version="1",
         summary="Many tasks on one shared backbone: RECAST template banks with per-task coefficients",
@@ -107,6 +111,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return _error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 413:
+            return _error_response(PayloadTooLarge("request body too large"))
         if exc.status_code == 405:
             return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
         error = ServerError(str(exc.detail))
@@ -145,7 +151,7 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
                 "status": response.status_code,
                 "ms": round(seconds * 1000, 2),
             }
-            log.info("request", extra=fields)
+            access.info("request", extra=fields)
         return response
 
 

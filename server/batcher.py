@@ -57,6 +57,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="recast-forward")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._inflight: list[_Pending] = []
         self._seconds_per_text = 0.01  # running estimate, for Retry-After
 
     @property
@@ -65,6 +66,7 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="recast-batcher")
+        self._task.add_done_callback(self._supervise)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new work and answer what is queued (up to `drain_timeout` s); the rest gets NotReady."""
@@ -76,6 +78,7 @@ class Batcher:
             except TimeoutError:
                 self._task.cancel()
                 log.warning("batcher stopped before the queue drained", extra={"texts": self._pending_texts})
+                _fail(self._inflight, NotReady("the server is shutting down", retry_after=1))
         while self._pending:
             request = self._pending.popleft()
             if not request.future.done():
@@ -150,14 +153,17 @@ class Batcher:
         requests = [r.request for r in batch]
         texts = sum(len(r.texts) for r in batch)
         start = time.perf_counter()
+        self._inflight = batch
         try:
             results = await loop.run_in_executor(self._executor, self.forward, requests)
+            if len(results) != len(batch):
+                raise RuntimeError(f"forward answered {len(results)} requests of {len(batch)}")
         except Exception as exc:  # one bad batch must not stop the server: its requests get the error
             log.exception("batched forward failed", extra={"texts": texts, "requests": len(batch)})
-            for r in batch:
-                if not r.future.done():
-                    r.future.set_exception(exc)
+            _fail(batch, exc)
             return
+        finally:
+            self._inflight = []
         seconds = time.perf_counter() - start
         self._seconds_per_text = 0.8 * self._seconds_per_text + 0.2 * seconds / max(1, texts)
         if self.metrics is not None:
@@ -168,6 +174,28 @@ class Batcher:
             if not r.future.done():
                 r.future.set_result(outputs)
 
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """The batching loop ended: normal at stop; otherwise a bug, and no request may wait forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batcher stopped unexpectedly", exc_info=task.exception())
+        self._closed = True
+        error = NotReady("the batcher stopped; the server must be restarted", retry_after=5)
+        _fail(self._inflight, error)
+        _fail(list(self._pending), error)
+        self._pending.clear()
+        self._pending_texts = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._pending_texts)
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for r in batch:
+        if not r.future.done():
+            r.future.set_exception(error)

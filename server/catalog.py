@@ -16,8 +16,9 @@ from recast_core.artifact import TaskArtifact
 from server.errors import ArtifactRejected
 from server.heads import Head, Superseded
 from server.metrics import Metrics
-from server.registry import TaskEntry, TaskRegistry, check_task_id
+from server.registry import TaskEntry, TaskRegistry
 from server.stores.base import Change, StoredTask, TaskStore
+from server.task_ids import check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class TaskCatalog:
     def load_head(self, entry: TaskEntry) -> Head:
         """The head of exactly this version, from the store; Superseded if the store moved on."""
         stored = self.store.get(entry.task_id)
+        if stored is not None and stored.version > entry.version:
+            self.registry.apply(stored)  # the store is ahead (a change not heard yet): serve the newer one
         if stored is None or stored.data is None or stored.version != entry.version:
             raise Superseded(f"task {entry.task_id!r} version {entry.version} is no longer stored")
         if hashlib.sha256(stored.data).hexdigest() != entry.digest:
@@ -75,8 +78,8 @@ class TaskCatalog:
         artifact = self.validate(data)
         stored = self.store.put(task_id, data, if_match=if_match)
         entry = self.registry.apply(stored, artifact)
-        if entry is None:  # a newer version arrived from another replica in the meantime
-            entry = self.registry.get(task_id)
+        if entry is None:  # a newer change was installed meanwhile; answer with what this upload stored
+            entry = TaskEntry.of(stored, artifact, hashlib.sha256(data).hexdigest())
         if self.metrics is not None:
             self.metrics.uploads.inc()
         self._update_gauge()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,20 +18,14 @@ import torch
 
 from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.errors import ArtifactError
-from server.errors import ArtifactRejected, InvalidTaskId, NotReady, UnknownTask
+from server.errors import ArtifactRejected, NotReady, UnknownTask
 from server.heads import Head, HeadCache, Superseded
 from server.stores.base import StoredTask
+from server.task_ids import check_task_id
 
 DEFAULT_HEAD_BYTES = 1 << 30
-TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
-
-def check_task_id(task_id: str) -> str:
-    if not TASK_ID.fullmatch(task_id):
-        raise InvalidTaskId(
-            f"task id {task_id[:140]!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} (1-128 characters)"
-        )
-    return task_id
+__all__ = ["TaskEntry", "TaskRegistry", "check_task_id"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +83,8 @@ class TaskRegistry:
         self.heads = heads if heads is not None else HeadCache(DEFAULT_HEAD_BYTES)
         self._entries: dict[str, TaskEntry] = {}
         self._versions: dict[str, int] = {}  # newest version seen per id, tombstones included
-        self._sorted: list[str] | None = []  # live ids in order, rebuilt lazily when the set of ids changes
+        # live ids in order: built on the first page() (not during bulk loads), then kept sorted incrementally
+        self._sorted: list[str] | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -110,6 +104,8 @@ class TaskRegistry:
         installed entry, or None for a tombstone or a version that is not newer.
         """
         check_task_id(stored.task_id)
+        if stored.version <= self.known_version(stored.task_id):  # cheap check before any parsing
+            return None
         entry = None
         if stored.data is not None:
             artifact = artifact if artifact is not None else self.validate(stored.data)
@@ -120,11 +116,11 @@ class TaskRegistry:
                 return None
             self._versions[stored.task_id] = stored.version
             if entry is None:
-                if self._entries.pop(stored.task_id, None) is not None:
-                    self._sorted = None
+                if self._entries.pop(stored.task_id, None) is not None and self._sorted is not None:
+                    del self._sorted[bisect.bisect_left(self._sorted, stored.task_id)]
             else:
-                if stored.task_id not in self._entries:
-                    self._sorted = None
+                if stored.task_id not in self._entries and self._sorted is not None:
+                    bisect.insort(self._sorted, stored.task_id)
                 self._entries[stored.task_id] = entry
         return entry
 
@@ -164,7 +160,9 @@ class TaskRegistry:
         return found
 
     def page(self, after: str = "", limit: int = 100) -> tuple[list[TaskEntry], int]:
-        """At most `limit` entries in id order, starting after the id `after`; and the total count."""
+        """At most `limit` entries in id order, starting after the id `after`; and the total count.
+
+        The first call sorts every id (about a second for a million): call it off the event loop."""
         with self._lock:
             if self._sorted is None:
                 self._sorted = sorted(self._entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Annotated, Any
 
@@ -14,7 +15,8 @@ from pydantic import BaseModel, Field
 from server.auth import check_bearer
 from server.errors import BadInput, NotReady, PayloadTooLarge, UnsupportedMediaType
 from server.predictor import TaskRequest
-from server.registry import TaskEntry, check_task_id
+from server.registry import TaskEntry
+from server.task_ids import check_task_id
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -34,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class PredictRequest(BaseModel):
-    inputs: list[str] = Field(description="texts to classify (1 to RECAST_MAX_INPUTS)")
+    inputs: list[str] = Field(max_length=4096, description="texts to classify (1 to RECAST_MAX_INPUTS)")
 
 
 class Output(BaseModel):
@@ -108,7 +110,7 @@ def _if_match(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", text):
         raise BadInput(f"If-Match must be a task version number, got {value[:40]!r}")
     return int(text)
 
@@ -167,10 +169,9 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TaskPage:
     runtime, _ = _state(request).require()
-    entries, total = runtime.registry.page(after=after, limit=limit)
-    last = entries[-1].task_id if len(entries) == limit else None
-    if last is not None and not runtime.registry.page(after=last, limit=1)[0]:
-        last = None
+    entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1)
+    last = entries[limit - 1].task_id if len(entries) > limit else None
+    entries = entries[:limit]
     return TaskPage(tasks=[_summary(e) for e in entries], total=total, next=last)
 
 

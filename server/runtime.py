@@ -6,7 +6,6 @@ store -> registry (every task resident) -> catalog (uploads, deletes, other repl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from recast_core.errors import BankError
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from server.catalog import TaskCatalog
-from server.errors import UnknownTask
+from server.errors import VersionConflict
 from server.heads import HeadCache
 from server.metrics import Metrics
 from server.predictor import Predictor
@@ -83,17 +82,19 @@ def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
 
 
 def _preload(catalog: TaskCatalog, task_id: str, path: Path) -> None:
-    """Store the artifact at `path` as `task_id` unless the task already holds exactly these bytes."""
+    """Store the artifact at `path` as `task_id` if the store never held that task.
+
+    A task uploaded or deleted since is left alone: restarts never roll tasks back."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BankError(f"cannot read preload artifact {path}: {exc}") from None
+    if catalog.registry.known_version(task_id) > 0:
+        return
     try:
-        if catalog.registry.get(task_id).digest == hashlib.sha256(data).hexdigest():
-            return
-    except UnknownTask:
-        pass
-    entry = catalog.upload(task_id, data)
+        entry = catalog.upload(task_id, data, if_match=0)
+    except VersionConflict:  # another replica stored it meanwhile
+        return
     log.info("task preloaded", extra={"task_id": task_id, "version": entry.version, "artifact": str(path)})
 
 
@@ -113,10 +114,10 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     store = open_store(settings.store)
     try:
         catalog = TaskCatalog(store, registry, metrics)
+        store.watch(catalog.on_change, catalog.resync)  # before the first scan: no change falls in between
         catalog.load()
         for task_id, path in settings.preloads:
             _preload(catalog, task_id, path)
-        store.watch(catalog.on_change, catalog.resync)
         predictor.warm_up()
     except BaseException:
         store.close()

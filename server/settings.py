@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_HOME = Path.home() / ".local" / "share" / "recast-serve"
 
 
@@ -45,7 +46,8 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
     preload: str = Field(
-        default="", description="TASK_ID=ARTIFACT pairs, comma-separated, stored at start-up if not held yet"
+        default="",
+        description="TASK_ID=ARTIFACT,...: stored at start-up if the store never held the task",
     )
 
     @property
@@ -73,6 +75,17 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("store must be a directory path or a postgresql:// DSN")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _auth_is_consistent(self) -> Settings:
+        if self.predict_requires_key and not self.keys:
+            raise ValueError("RECAST_PREDICT_REQUIRES_KEY needs RECAST_API_KEYS")
+        if not self.keys and self.host not in LOOPBACK:
+            raise ValueError(
+                f"RECAST_API_KEYS is required when binding to {self.host} (anyone reaching it could upload "
+                "and delete tasks); set keys, or bind to 127.0.0.1"
+            )
+        return self
 
     @property
     def keys(self) -> tuple[str, ...]:

@@ -137,6 +137,7 @@ def test_directory_store_survives_a_crash_mid_upload_and_restarts(tmp_path: Path
     with pytest.raises(StoreError, match="in use by another process"):
         DirectoryStore(root)
     store.close()
+    (root / "lost+found").mkdir()  # a file system's own directory is not a task
     reopened = DirectoryStore(root)
     assert not list(root.glob("*/.*.tmp")), "temp files of interrupted writes are removed at start"
     stored = {s.task_id: s for s in reopened.scan()}

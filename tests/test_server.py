@@ -188,6 +188,9 @@ def test_every_error_answers_its_status_and_typed_body(
         assert (
             http.put("/v1/tasks/t", content=data, headers=ADMIN | {"If-Match": '"1"'}).json()["version"] == 2
         )
+        _error(
+            http.put("/v1/tasks/t", content=data, headers=ADMIN | {"If-Match": "9" * 40}), 400, "bad_input"
+        )
         _error(http.put("/v1/tasks/t", content=data, headers=ADMIN | {"If-Match": "soon"}), 400, "bad_input")
         _error(http.delete("/v1/tasks/t", headers=ADMIN | {"If-Match": "1"}), 409, "version_conflict")
 
@@ -207,6 +210,12 @@ def test_every_error_answers_its_status_and_typed_body(
             "bad_input",
         )
         _error(http.post("/v1/tasks/t/predict", json={"inputs": ["x" * 5000]}), 400, "bad_input")
+        huge = b'{"inputs": ["' + b"x" * (400 << 10) + b'"]}'
+        _error(
+            http.post("/v1/tasks/t/predict", content=huge, headers={"Content-Type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
         overloaded = _error(http.post("/v1/tasks/t/predict", json={"inputs": ["x"] * 7}), 429, "overloaded")
         assert (
             overloaded["error"]

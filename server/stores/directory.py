@@ -11,7 +11,9 @@ One process owns a directory (it holds an exclusive lock on `<root>/.lock`); rep
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import tempfile
 import threading
@@ -20,9 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from server.errors import StoreError, UnknownTask, VersionConflict
-from server.registry import check_task_id
 from server.stores.base import StoredTask, TaskStore
+from server.task_ids import check_task_id, is_task_id
 
+log = logging.getLogger(__name__)
 LIVE, TOMBSTONE = ".safetensors", ".deleted"
 
 
@@ -81,7 +84,7 @@ class DirectoryStore(TaskStore):
         except OSError as exc:
             raise StoreError(f"cannot list task store {self.root}: {exc}") from None
         for task_id in names:
-            if task_id.startswith("."):
+            if not is_task_id(task_id):  # lost+found, dot files: not ours
                 continue
             stored = self._read(task_id)
             if stored is not None:
@@ -144,12 +147,18 @@ class DirectoryStore(TaskStore):
                     os.unlink(tmp)
             _fsync_dir(directory)
             _fsync_dir(self.root)
-            for name in os.listdir(directory):  # older versions are superseded once the new one is durable
+        except OSError as exc:
+            if target.exists():  # renamed but not known durable: take it back so nothing changed
+                with contextlib.suppress(OSError):
+                    target.unlink()
+            raise StoreError(f"cannot write task {task_id!r} to {self.root}: {exc}") from None
+        try:  # older versions are superseded once the new one is durable; leftovers are harmless
+            for name in os.listdir(directory):
                 stem = name.partition(".")[0]
                 if stem.isdigit() and int(stem) < version:
                     os.unlink(directory / name)
         except OSError as exc:
-            raise StoreError(f"cannot write task {task_id!r} to {self.root}: {exc}") from None
+            log.warning("could not remove superseded versions", extra={"task_id": task_id, "error": str(exc)})
         return target
 
     def _remove_temp_files(self) -> None:

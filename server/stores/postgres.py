@@ -41,8 +41,8 @@ import psycopg
 from psycopg import sql
 
 from server.errors import StoreError, UnknownTask, VersionConflict
-from server.registry import check_task_id
 from server.stores.base import Change, StoredTask, TaskStore
+from server.task_ids import check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +298,13 @@ class PostgresStore(TaskStore):
                     log.info(
                         "watching the task store", extra={"store": self.safe_dsn, "channel": self.channel}
                     )
-                    if missed:
-                        missed = False
-                        _call(on_resync)
                     while not self._stopping.is_set():
+                        if missed:  # changes may have gone unheard (or unapplied): rescan until it works
+                            missed = not _call(on_resync)
                         for notify in conn.notifies(timeout=POLL):
                             change = _parse(notify.payload)
-                            if change is not None:
-                                _call(on_change, change)
+                            if change is not None and not _call(on_change, change):
+                                missed = True
             except Exception as exc:  # a lost connection, mostly; never let the watcher die
                 if self._stopping.is_set():
                     break
@@ -360,10 +359,13 @@ def _parse(payload: str) -> Change | None:
         return None
 
 
-def _call(callback: Callable[..., None], *args: Any) -> None:
+def _call(callback: Callable[..., None], *args: Any) -> bool:
+    """Run a watch callback; False (logged) if it raised."""
     try:
         callback(*args)
     except Exception:
         log.exception(
             "task store watch callback failed", extra={"callback": getattr(callback, "__name__", "?")}
         )
+        return False
+    return True

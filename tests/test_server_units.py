@@ -1,0 +1,89 @@
+"""Server pieces without the backbone: settings, the batcher's failure handling, preloads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from recast_core.artifact import ArtifactSpec, TaskArtifact
+from server.batcher import Batcher
+from server.catalog import TaskCatalog
+from server.errors import NotReady, Overloaded
+from server.predictor import Output, TaskRequest
+from server.registry import TaskRegistry
+from server.runtime import _preload
+from server.settings import Settings
+from server.stores.directory import DirectoryStore
+
+SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+
+
+def _artifact(seed: int) -> TaskArtifact:
+    gen = torch.Generator().manual_seed(seed)
+    return TaskArtifact(
+        coefficients=torch.randn(4, 2, generator=gen),
+        head_weight=torch.randn(2, 8, generator=gen),
+        head_bias=torch.randn(2, generator=gen),
+        labels=("no", "yes"),
+        bank_fingerprint=SPEC.bank_fingerprint,
+    )
+
+
+def test_settings_refuse_unsafe_or_contradictory_auth() -> None:
+    with pytest.raises(ValidationError, match="RECAST_API_KEYS is required"):
+        Settings(host="0.0.0.0")
+    with pytest.raises(ValidationError, match="needs RECAST_API_KEYS"):
+        Settings(predict_requires_key=True)
+    assert Settings(host="0.0.0.0", api_keys="a, b").keys == ("a", "b")
+    with pytest.raises(ValidationError, match="TASK_ID=ARTIFACT"):
+        Settings(preload="no-equals-sign")
+
+
+def test_preload_never_rolls_a_task_back(tmp_path: Path) -> None:
+    catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(SPEC))
+    demo = tmp_path / "demo.safetensors"
+    demo.write_bytes(_artifact(0).to_bytes())
+    _preload(catalog, "demo", demo)
+    assert catalog.registry.get("demo").version == 1
+    catalog.upload("demo", _artifact(1).to_bytes())
+    _preload(catalog, "demo", demo)  # a restart: the admin's newer upload stays
+    assert catalog.registry.get("demo").version == 2
+    catalog.delete("demo")
+    _preload(catalog, "demo", demo)  # and a deleted task stays deleted
+    assert catalog.registry.known_version("demo") == 3 and len(catalog.registry) == 0
+
+
+def test_batcher_survives_a_bad_forward_and_refuses_overload(tmp_path: Path) -> None:
+    catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(SPEC))
+    entry = catalog.upload("t", _artifact(0).to_bytes())
+    head = catalog.registry.head(entry)
+    calls: list[int] = []
+
+    def forward(requests: Sequence[TaskRequest]) -> list[list[Output]]:
+        calls.append(len(requests))
+        if len(calls) == 1:
+            return []  # a wrong answer count: those requests fail, the batcher goes on
+        return [[Output("yes", {"no": 0.0, "yes": 1.0}) for _ in r.texts] for r in requests]
+
+    async def scenario() -> None:
+        batcher = Batcher(forward, max_batch_texts=8, max_wait=0.01, max_queue_texts=4)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="answered 0 requests of 1"):
+            await batcher.submit(TaskRequest(entry, head, ["a"]))
+        outputs = await batcher.submit(TaskRequest(entry, head, ["a", "b"]))
+        assert [o.label for o in outputs] == ["yes", "yes"]
+        with pytest.raises(Overloaded) as overloaded:
+            await batcher.submit(TaskRequest(entry, head, ["x"] * 5))
+        assert overloaded.value.status == 429 and overloaded.value.retry_after is not None
+        assert batcher.healthy
+        await batcher.stop()
+        with pytest.raises(NotReady):
+            await batcher.submit(TaskRequest(entry, head, ["late"]))
+
+    asyncio.run(scenario())
+    assert calls == [1, 1]
