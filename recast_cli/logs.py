@@ -35,3 +35,5 @@ def configure(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for noisy in ("httpx", "httpcore"):  # one line per HTTP call of the client: only problems are news
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from recast_cli.logs import configure
+from recast_client.errors import RecastClientError
 from recast_core.errors import RecastError
 
 log = logging.getLogger("recast")
@@ -115,10 +117,47 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     )
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from recast_client import Client
+
+    return Client(args.url, args.api_key)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.action == "list":
+            for task in client.iter_tasks():
+                print(json.dumps(task))
+            return
+        if args.task_id is None:
+            raise UsageError(f"tasks {args.action} needs TASK_ID")
+        if args.action == "get":
+            result = client.get_task(args.task_id)
+        elif args.action == "upload":
+            if args.file is None:
+                raise UsageError("tasks upload needs TASK_ID FILE")
+            if not args.file.is_file():
+                raise UsageError(f"no artifact file {args.file}")
+            result = client.upload(args.task_id, args.file, if_match=args.if_match)
+        else:
+            result = client.delete(args.task_id, if_match=args.if_match)
+        print(json.dumps(result, indent=2))
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from recast_core.artifact import read_artifact
     from recast_core.task_model import TextTaskModel, artifact_spec
 
+    if args.task_id is not None:
+        if args.bank is not None or args.task is not None:
+            raise UsageError("predict from a server takes --task-id (and --url), not --bank/--task")
+        with _client(args) as client:
+            answer = client.predict(args.task_id, args.texts)
+        for text, output in zip(args.texts, answer["outputs"], strict=True):
+            print(json.dumps({"text": text, "label": output["label"], "scores": output["scores"]}))
+        return
+    if args.bank is None or args.task is None:
+        raise UsageError("predict offline needs --bank and --task (or --task-id to ask a server)")
     backbone, bank = _load(args)
     artifact = read_artifact(args.task, artifact_spec(bank, backbone.hidden_size))
     model = TextTaskModel.from_artifact(backbone, bank, artifact)
@@ -182,6 +221,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError("the server did not start (the reason is in the log above)")
 
 
+def _server_options(p: argparse.ArgumentParser, url_default: str | None = "") -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("RECAST_URL") or url_default or None,
+        help="server URL (RECAST_URL; default http://127.0.0.1:8000)",
+    )
+    p.add_argument("--api-key", default=os.environ.get("RECAST_API_KEY"), help="API key (RECAST_API_KEY)")
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -225,11 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", type=Path)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("predict", help="predict offline with a task artifact")
-    p.add_argument("--bank", type=Path, required=True)
-    p.add_argument("--task", type=Path, required=True)
+    p = sub.add_parser("predict", help="predict offline with a task artifact, or ask a server (--task-id)")
+    p.add_argument("--bank", type=Path, help="offline: template bank directory")
+    p.add_argument("--task", type=Path, help="offline: task artifact")
+    p.add_argument("--task-id", help="ask a running server for this task")
+    _server_options(p, url_default=None)
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("tasks", help="list, show, upload or delete tasks on a running server")
+    p.add_argument("action", choices=("list", "get", "upload", "delete"))
+    p.add_argument("task_id", nargs="?", metavar="TASK_ID")
+    p.add_argument("file", nargs="?", type=Path, metavar="FILE", help="upload: the task artifact")
+    p.add_argument("--if-match", type=int, help="only if the task is at this version (0: must not exist)")
+    _server_options(p)
+    p.set_defaults(func=_cmd_tasks)
 
     p = sub.add_parser(
         "serve",
@@ -262,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (RecastError, UsageError) as exc:
+    except (RecastError, UsageError, RecastClientError) as exc:
         message = " ".join(str(exc).split())
         print(f"recast {args.command}: error: {message}", file=sys.stderr)
         return 2
