@@ -76,23 +76,24 @@ def fill_store(root: Path, bank: TemplateBank, count: int, distinct: int = 1000)
 
 
 @contextmanager
-def server_process(bank: Path, store: Path, log: Path, timeout: float = 3600) -> Iterator[dict[str, Any]]:
-    """`recast serve` on a free loopback port; yields url, pid and the seconds it took to become ready."""
+def server_process(
+    bank: Path, store: Path, log: Path, timeout: float = 3600, env: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """`recast serve` on a free loopback port; yields url, pid and the seconds it took to become ready.
+
+    `env` adds RECAST_* settings for the server process."""
     from socket import socket
 
     with socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = os.environ | {
-        "RECAST_MAX_QUEUE_TEXTS": "4096",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    defaults = {"RECAST_MAX_QUEUE_TEXTS": "4096", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process_env = os.environ | defaults | (env or {})
     command = [sys.executable, "-m", "recast_cli.main", "serve", "--port", str(port)]
     command += ["--bank", str(bank), "--store", str(store)]
     start = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=process_env)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
