@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.batcher import Batcher
 from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServerError
+from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.routes import router
 from server.runtime import Runtime, start_runtime
@@ -74,7 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # no request body beyond what an upload or a full predict request can need (6 bytes per escaped char)
     max_body = max(settings.max_upload_bytes, settings.max_inputs * (6 * settings.max_input_chars + 8) + 1024)
     app = FastAPI(
-        max_body_size=max_body,
         title="recast-serve",
         version="1",
         summary="Many tasks on one shared backbone: RECAST template banks with per-task coefficients",
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     _install_error_handlers(app)
     _install_request_middleware(app, state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=max_body)
     return app
 
 
@@ -109,6 +110,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        known = _server_error_in(exc)  # e.g. PayloadTooLarge raised while FastAPI read the body
+        if known is not None:
+            return _error_response(known)
+        if exc.status_code == 400:
+            return _error_response(BadInput(str(exc.detail)))
         if exc.status_code == 404:
             return _error_response(NotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 413:
@@ -134,9 +140,13 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
         start = time.perf_counter()
         try:
             response = await call_next(request)
-        except Exception:  # a bug: answer a typed 500 and keep serving
-            log.exception("unhandled error", extra={"request_id": request_id, "path": request.url.path})
-            response = _error_response(ServerError("internal error; see the server log"), request_id)
+        except Exception as exc:
+            known = _server_error_in(exc)  # e.g. a body over the limit, raised while the body streamed in
+            if known is not None:
+                response = _error_response(known, request_id)
+            else:  # a bug: answer a typed 500 and keep serving
+                log.exception("unhandled error", extra={"request_id": request_id, "path": request.url.path})
+                response = _error_response(ServerError("internal error; see the server log"), request_id)
         seconds = time.perf_counter() - start
         endpoint = _endpoint(request)
         response.headers["X-Request-ID"] = request_id
@@ -159,3 +169,22 @@ def _endpoint(request: Request) -> str:
     """The matched route's template (`/v1/tasks/{task_id}`), so metrics get no series per task id."""
     route = request.scope.get("route")
     return str(getattr(route, "path", "unmatched"))
+
+
+def _server_error_in(exc: BaseException) -> ServerError | None:
+    """The ServerError inside `exc` (itself, a member of an exception group, or a cause), if any."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ServerError):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,16 @@ def test_every_error_answers_its_status_and_typed_body(
         )
         _error(http.post("/v1/tasks/t/predict", json={"inputs": ["x" * 5000]}), 400, "bad_input")
         huge = b'{"inputs": ["' + b"x" * (400 << 10) + b'"]}'
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: counted while it streams in
+            for start in range(0, len(huge), 8192):
+                yield huge[start : start + 8192]
+
+        _error(
+            http.post("/v1/tasks/t/predict", content=chunked(), headers={"Content-Type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
         _error(
             http.post("/v1/tasks/t/predict", content=huge, headers={"Content-Type": "application/json"}),
             413,
