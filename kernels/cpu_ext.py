@@ -1,16 +1,23 @@
 """The compiled CPU kernel (csrc/segmented_linear.cpp): built once per machine with the local C++ compiler.
 
 The build is cached under RECAST_EXT_DIR (default ~/.cache/recast-serve/ext), keyed by the source, the
-torch version and the CPU, so later starts only load it. When no compiler is available the loader says
-why once and the torch path falls back to composing weights per distinct task (`load()` returns None).
+torch version and the target CPU, so later starts only load it: a finished build found there is imported
+as it is, without a compiler. When no build is found and none can be made, the loader says why once and
+the torch path falls back to composing weights per distinct task (`load()` returns None).
+
+RECAST_EXT_ARCH sets the compiler flags that select the target CPU (default `-march=native`: this CPU).
+Container images set a portable target (e.g. `-mavx2 -mfma`) and build once in their builder stage; the
+key then holds these flags instead of this CPU's, so the build is found on any machine of that target.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import shlex
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -21,14 +28,23 @@ from kernels.segments import Segments
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "segmented_linear.cpp"
+NAME = "recast_segmented_linear"
+NATIVE = "-march=native"
 _lock = threading.Lock()
 _state: dict[str, ModuleType | str | None] = {}
 
 
+def arch_flags() -> list[str]:
+    """Compiler flags selecting the target CPU: $RECAST_EXT_ARCH, default `-march=native`."""
+    return shlex.split(os.environ.get("RECAST_EXT_ARCH", "").strip() or NATIVE)
+
+
 def build_dir() -> Path:
     root = Path(os.environ.get("RECAST_EXT_DIR", Path.home() / ".cache" / "recast-serve" / "ext"))
+    flags = arch_flags()
+    target = _cpu_flags() if flags == [NATIVE] else " ".join(flags).encode()
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode() + _cpu_flags()
+        SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode() + target
     ).hexdigest()[:16]
     return root / f"segmented_linear-{key}"
 
@@ -53,17 +69,18 @@ def load() -> ModuleType | None:
             from torch.utils.cpp_extension import load as build
 
             directory = build_dir()
-            directory.mkdir(parents=True, exist_ok=True)
-            if not any(directory.glob("*.so")):
+            module = _import_built(directory / f"{NAME}.so")
+            if module is None:
+                directory.mkdir(parents=True, exist_ok=True)
                 log.info("building the compiled CPU kernel (once per machine)", extra={"dir": str(directory)})
-            module = build(
-                name="recast_segmented_linear",
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(directory),
-                verbose=False,
-            )
+                module = build(
+                    name=NAME,
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", *arch_flags(), "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    verbose=False,
+                )
         except Exception as exc:  # no compiler, no ninja, no headers: serve without the fused kernel
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             log.warning(
@@ -73,6 +90,22 @@ def load() -> ModuleType | None:
             return None
         _state["module"] = module
         return module
+
+
+def _import_built(path: Path) -> ModuleType | None:
+    """The finished build at `path`, imported without a compiler; None when absent or not loadable."""
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:  # e.g. cut short by a crash mid-build: build it again
+        log.warning("cached CPU kernel build not loadable, rebuilding", extra={"reason": str(exc)[:200]})
+        return None
+    return module
 
 
 def unavailable_reason() -> str | None:
