@@ -77,11 +77,11 @@ def fill_store(root: Path, bank: TemplateBank, count: int, distinct: int = 1000)
 
 @contextmanager
 def server_process(
-    bank: Path, store: Path, log: Path, timeout: float = 3600, env: dict[str, str] | None = None
+    bank: Path, store: Path | str, log: Path, timeout: float = 3600, env: dict[str, str] | None = None
 ) -> Iterator[dict[str, Any]]:
     """`recast serve` on a free loopback port; yields url, pid and the seconds it took to become ready.
 
-    `env` adds RECAST_* settings for the server process."""
+    `store` is a directory or a `postgresql://` URL; `env` adds RECAST_* settings for the server process."""
     from socket import socket
 
     with socket() as sock:

@@ -139,9 +139,35 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
             if not args.file.is_file():
                 raise UsageError(f"no artifact file {args.file}")
             result = client.upload(args.task_id, args.file, if_match=args.if_match)
+        elif args.action == "train":
+            if args.file is None or not args.file.is_file():
+                raise UsageError("tasks train needs TASK_ID FILE (a CSV with text and label columns)")
+            options = {"epochs": args.epochs} if args.epochs is not None else {}
+            result = client.train(args.task_id, args.file, options=options)
+            if args.wait:
+                result = _follow(client, result)
         else:
             result = client.delete(args.task_id, if_match=args.if_match)
         print(json.dumps(result, indent=2))
+
+
+def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Show a training job's progress until it ends; the final job, or an error if it did not succeed."""
+    import time
+
+    from tqdm import tqdm
+
+    with tqdm(
+        total=100, desc=f"training {job['task_id']}", unit="%", bar_format="{l_bar}{bar}| {postfix}"
+    ) as bar:
+        while job["state"] in ("queued", "running"):
+            time.sleep(1.0)
+            job = client.get_job(job["job_id"])
+            bar.n = round(100 * job["progress"])
+            bar.set_postfix_str(f"{job['state']}, {job['phase']}")
+    if job["state"] != "succeeded":
+        raise UsageError(f"job {job['job_id']} {job['state']}: {job['error']}")
+    return job
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -202,13 +228,18 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     }
     if args.preload:
         overrides["preload"] = ",".join(args.preload)
+    from server.keys import KeysFileError
+
     try:
         settings = Settings(**overrides)
+        app = create_app(settings)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"bad setting: {problems}") from None
+    except KeysFileError as exc:
+        raise UsageError(str(exc)) from None
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -219,6 +250,42 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     server.run()
     if not server.started:
         raise UsageError("the server did not start (the reason is in the log above)")
+
+
+def _cmd_keys(args: argparse.Namespace) -> None:
+    from server.keys import KeysFileError, create_key, read_keys_file, revoke_key
+
+    path: Path = args.file
+    try:
+        if args.action == "create":
+            if args.tenant is None:
+                raise UsageError("keys create needs --tenant")
+            key, record = create_key(path, args.tenant, args.role, args.id, args.rate, args.burst)
+            print(
+                f"created key {record.id} (tenant {record.tenant}, role {record.role}) in {path}",
+                file=sys.stderr,
+            )
+            print("the key is shown only now; the file keeps its SHA-256:", file=sys.stderr)
+            print(key)
+        elif args.action == "list":
+            for record in read_keys_file(path):
+                fields: dict[str, Any] = {"id": record.id, "tenant": record.tenant, "role": record.role}
+                fields |= {"rate_per_s": record.rate_per_s, "burst": record.burst}
+                print(json.dumps({k: v for k, v in fields.items() if v is not None}))
+        else:
+            if args.id is None:
+                raise UsageError("keys revoke needs --id KEY_ID")
+            record = revoke_key(path, args.id)
+            print(f"revoked key {record.id} (tenant {record.tenant}); servers drop it within a second")
+    except KeysFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
 
 
 def _server_options(p: argparse.ArgumentParser, url_default: str | None = "") -> None:
@@ -281,10 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("tasks", help="list, show, upload or delete tasks on a running server")
-    p.add_argument("action", choices=("list", "get", "upload", "delete"))
+    p = sub.add_parser("tasks", help="list, show, upload, delete or train tasks on a running server")
+    p.add_argument("action", choices=("list", "get", "upload", "delete", "train"))
     p.add_argument("task_id", nargs="?", metavar="TASK_ID")
-    p.add_argument("file", nargs="?", type=Path, metavar="FILE", help="upload: the task artifact")
+    p.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        metavar="FILE",
+        help="upload: the task artifact; train: a CSV (text,label)",
+    )
+    p.add_argument("--epochs", type=_positive, help="train: epochs (server default if unset)")
+    p.add_argument("--wait", action="store_true", help="train: follow the job until it ends")
     p.add_argument("--if-match", type=int, help="only if the task is at this version (0: must not exist)")
     _server_options(p)
     p.set_defaults(func=_cmd_tasks)
@@ -304,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="store this artifact as the task at start-up if the store never held the task (repeatable)",
     )
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("keys", help="create, list or revoke tenant-scoped API keys in a keys file")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument(
+        "--file",
+        type=Path,
+        default=Path(os.environ["RECAST_KEYS_FILE"]) if os.environ.get("RECAST_KEYS_FILE") else None,
+        required=not os.environ.get("RECAST_KEYS_FILE"),
+        help="the keys file the server reads (RECAST_KEYS_FILE)",
+    )
+    p.add_argument("--tenant", help="create: the tenant the key acts for ([a-z0-9][a-z0-9-]*)")
+    p.add_argument("--role", choices=("admin", "predict"), default="predict", help="create: what it may do")
+    p.add_argument("--id", help="create: a name for the key (default: generated); revoke: the key to drop")
+    p.add_argument(
+        "--rate", type=_positive_float, help="create: requests per second (server default if unset)"
+    )
+    p.add_argument("--burst", type=_positive, help="create: requests at once (server default if unset)")
+    p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("datasets", help="bundled real data sets with fixed splits")
     p.add_argument("action", choices=("list", "export"))

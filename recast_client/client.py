@@ -15,7 +15,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +55,31 @@ def _delete(task_id: str, if_match: int | None) -> _Call:
     return _Call(
         "DELETE", f"/v1/tasks/{task_id}", headers={} if if_match is None else {"If-Match": str(if_match)}
     )
+
+
+def _train(
+    task_id: str, data: Path | str | Sequence[Mapping[str, Any]], options: Mapping[str, Any] | None
+) -> _Call:
+    """A CSV file (path) or examples `[{"text", "label"}]`; options as in the API (`epochs`, ...)."""
+    if isinstance(data, Path | str):
+        params = {k: v for k, v in (options or {}).items() if k in ("epochs", "max_length", "seed")}
+        if set(options or {}) - set(params):
+            raise ValueError(
+                "with a CSV file, only epochs, max_length and seed can be set; send examples instead"
+            )
+        content = Path(data).read_bytes()
+        return _Call(
+            "POST",
+            f"/v1/tasks/{task_id}/train",
+            content=content,
+            params=params,
+            headers={"Content-Type": "text/csv"},
+        )
+    body = {"examples": [dict(e) for e in data], "options": dict(options or {})}
+    return _Call("POST", f"/v1/tasks/{task_id}/train", json=body)
+
+
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
 def _result(response: httpx.Response) -> Any:
@@ -156,6 +181,40 @@ class Client(_Base):
             yield from page["tasks"]
             after = page["next"]
 
+    def train(
+        self,
+        task_id: str,
+        data: Path | str | Sequence[Mapping[str, Any]],
+        *,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start a training job (a CSV file, or examples `[{"text", "label"}]`); returns the queued job."""
+        result: dict[str, Any] = self._send(_train(task_id, data, options))
+        return result
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._send(_Call("GET", f"/v1/jobs/{job_id}"))
+        return result
+
+    def list_jobs(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._send(_Call("GET", "/v1/jobs", params={"limit": limit}))["jobs"]
+        return result
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._send(_Call("DELETE", f"/v1/jobs/{job_id}"))
+        return result
+
+    def wait_for_job(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0) -> dict[str, Any]:
+        """Poll until the job ends (succeeded, failed or cancelled); TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job["state"] in FINAL_JOB_STATES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll)
+
     def backbone(self) -> dict[str, Any]:
         result: dict[str, Any] = self._send(_Call("GET", "/v1/backbone"))
         return result
@@ -233,6 +292,43 @@ class AsyncClient(_Base):
             for task in page["tasks"]:
                 yield task
             after = page["next"]
+
+    async def train(
+        self,
+        task_id: str,
+        data: Path | str | Sequence[Mapping[str, Any]],
+        *,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start a training job (a CSV file, or examples `[{"text", "label"}]`); returns the queued job."""
+        result: dict[str, Any] = await self._send(_train(task_id, data, options))
+        return result
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._send(_Call("GET", f"/v1/jobs/{job_id}"))
+        return result
+
+    async def list_jobs(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        page = await self._send(_Call("GET", "/v1/jobs", params={"limit": limit}))
+        result: list[dict[str, Any]] = page["jobs"]
+        return result
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._send(_Call("DELETE", f"/v1/jobs/{job_id}"))
+        return result
+
+    async def wait_for_job(
+        self, job_id: str, *, timeout: float | None = None, poll: float = 1.0
+    ) -> dict[str, Any]:
+        """Poll until the job ends (succeeded, failed or cancelled); TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.get_job(job_id)
+            if job["state"] in FINAL_JOB_STATES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            await asyncio.sleep(poll)
 
     async def backbone(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._send(_Call("GET", "/v1/backbone"))

@@ -64,6 +64,14 @@ class VersionConflict(RecastClientError):
     error_type = "version_conflict"
 
 
+class UnknownJob(RecastClientError):
+    error_type = "unknown_job"
+
+
+class JobFinished(RecastClientError):
+    error_type = "job_finished"
+
+
 class PayloadTooLarge(RecastClientError):
     error_type = "payload_too_large"
 
@@ -94,6 +102,12 @@ class Overloaded(Retryable):
     error_type = "overloaded"
 
 
+class RateLimited(Retryable):
+    """The API key sent more requests than its rate limit allows."""
+
+    error_type = "rate_limited"
+
+
 class NotReady(Retryable):
     error_type = "not_ready"
 
@@ -119,10 +133,13 @@ BY_TYPE: dict[str, type[RecastClientError]] = {
         NotFound,
         MethodNotAllowed,
         VersionConflict,
+        UnknownJob,
+        JobFinished,
         PayloadTooLarge,
         UnsupportedMediaType,
         InvalidArtifact,
         Overloaded,
+        RateLimited,
         NotReady,
         StoreUnavailable,
         ServerFailure,

@@ -43,6 +43,7 @@ DEFAULT_MAX_BYTES = 1 << 20
 MAX_HEADER_BYTES = 64 << 10
 MAX_LABELS = 4096
 MAX_LABEL_CHARS = 256
+MAX_TRAINING_DEPTH = 32  # nesting of the training summary (what the server's JSON answers can render)
 _DTYPE_SIZES = {
     "F32": 4,
     "F16": 2,
@@ -269,7 +270,7 @@ def _parse_header(data: bytes) -> dict[str, Any]:
         )
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nested too deep
         raise ArtifactCorrupt(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise ArtifactCorrupt("header is not a JSON object", expected="object", found=type(header).__name__)
@@ -281,13 +282,14 @@ def _parse_header(data: bytes) -> dict[str, Any]:
             raise ArtifactCorrupt(f"tensor entry {key!r} is malformed")
         shape, offsets, dtype = info["shape"], info["data_offsets"], info["dtype"]
         if (
-            not isinstance(shape, list)
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
             or not all(isinstance(d, int) and d >= 0 for d in shape)
             or not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) for o in offsets)
         ):
-            raise ArtifactCorrupt(f"tensor entry {key!r} has a malformed shape or offsets")
+            raise ArtifactCorrupt(f"tensor entry {key!r} has a malformed dtype, shape or offsets")
         begin, end = offsets
         if not 0 <= begin <= end <= body:
             raise ArtifactCorrupt(
@@ -320,7 +322,7 @@ def _parse_metadata(metadata: object) -> tuple[tuple[str, ...], str, dict[str, A
     try:
         labels = json.loads(metadata["labels"])
         training = json.loads(metadata["training"])
-    except (TypeError, json.JSONDecodeError) as exc:
+    except (TypeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactMetadataError(f"labels or training is not valid JSON: {exc}") from exc
     if not isinstance(labels, list) or not all(
         isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels
@@ -338,9 +340,30 @@ def _parse_metadata(metadata: object) -> tuple[tuple[str, ...], str, dict[str, A
         raise ArtifactMetadataError(
             "training must be a JSON object", expected="object", found=type(training).__name__
         )
+    if (depth := _nesting(training)) > MAX_TRAINING_DEPTH:
+        raise ArtifactMetadataError(
+            "training is nested too deeply", expected=f"<= {MAX_TRAINING_DEPTH} levels", found=depth
+        )
     fingerprint = metadata["bank_fingerprint"]
     if not isinstance(fingerprint, str) or len(fingerprint) != 64:
         raise ArtifactMetadataError(
             "bank_fingerprint must be a sha256 hex digest", expected=64, found=fingerprint
         )
-    return tuple(labels), fingerprint, training, str(metadata["created"]), SCHEMA_VERSION
+    created = str(metadata["created"])
+    try:  # all of it is served back as JSON: no string may hold a lone surrogate (JSON's \ud800 escapes)
+        json.dumps([labels, training, created, fingerprint], ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError) as exc:
+        raise ArtifactMetadataError(f"labels, training or created is not valid Unicode text: {exc}") from exc
+    return tuple(labels), fingerprint, training, created, SCHEMA_VERSION
+
+
+def _nesting(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (walked without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest

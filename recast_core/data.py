@@ -65,21 +65,31 @@ def load_labelled(path: Path, text_column: str = "text", label_column: str = "la
         raise DataError(
             f"{path}: not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         ) from exc
-    if not content.strip():
-        raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        texts, labels = _read_csv(path, content, text_column, label_column)
-    elif suffix == ".jsonl":
-        texts, labels = _read_jsonl(path, content, text_column, label_column)
-    else:
+    if suffix not in (".csv", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
+    return parse_labelled(content, suffix[1:], str(path), text_column, label_column)
+
+
+def parse_labelled(
+    content: str, kind: str, source: str, text_column: str = "text", label_column: str = "label"
+) -> LabelledTexts:
+    """Labelled texts from CSV (`kind` "csv", a header row) or JSON Lines ("jsonl") text; every problem
+    is one DataError naming `source` and the row."""
+    if not content.strip():
+        raise DataError(f"{source}: no data (empty)")
+    if kind == "csv":
+        texts, labels = _read_csv(source, content, text_column, label_column)
+    elif kind == "jsonl":
+        texts, labels = _read_jsonl(source, content, text_column, label_column)
+    else:
+        raise DataError(f"{source}: unsupported data format {kind!r}; use csv or jsonl")
     if not texts:
-        raise DataError(f"{path}: no examples (only a header?)")
+        raise DataError(f"{source}: no examples (only a header?)")
     return LabelledTexts(tuple(texts), tuple(labels))
 
 
-def _read_csv(path: Path, content: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+def _read_csv(path: str, content: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     reader = csv.DictReader(io.StringIO(content, newline=""))
     columns = reader.fieldnames or []
     missing = [c for c in (text_column, label_column) if c not in columns]
@@ -100,7 +110,7 @@ def _read_csv(path: Path, content: str, text_column: str, label_column: str) -> 
     return texts, labels
 
 
-def _read_jsonl(path: Path, content: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+def _read_jsonl(path: str, content: str, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     texts: list[str] = []
     labels: list[str] = []
     for number, line in enumerate(content.splitlines(), start=1):

@@ -23,6 +23,8 @@ from recast_core.errors import ConfigError
 PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
 Batch = dict[str, torch.Tensor]
 Tokenize = Callable[[Sequence[str], int], Batch]
+# (phase, done, total): called as work advances; may raise to stop the work (e.g. a cancelled job)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def fit(
     val: Examples,
     options: TrainOptions,
     progress: bool = True,
+    on_progress: Progress | None = None,
 ) -> FitOutcome:
     """AdamW on `param_groups` with cross-entropy; the model is evaluated on validation before training and
     after every epoch, early-stopped after `patience` epochs without improvement, and left at its best
@@ -139,6 +142,8 @@ def fit(
             optimizer.step()
             losses.append(loss.item())
             bar.update(1)
+            if on_progress is not None:
+                on_progress("training", bar.n, options.epochs * steps_per_epoch)
         val_acc, val_loss = evaluate(model, val)
         history.append(
             {

@@ -19,10 +19,10 @@ from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.data import LabelledTexts, require_classes, stratified_cap, stratified_split
 from recast_core.errors import DataError
-from recast_core.fitting import TrainOptions, evaluate, fit, probe_head, text_examples
+from recast_core.fitting import Progress, TrainOptions, evaluate, fit, probe_head, text_examples
 from recast_core.task_model import TextTaskModel
 
-__all__ = ["TrainOptions", "TrainResult", "prepare_splits", "train_task"]
+__all__ = ["Progress", "TrainOptions", "TrainResult", "prepare_splits", "train_task"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +63,10 @@ def train_task(
     test: LabelledTexts | None = None,
     options: TrainOptions | None = None,
     progress: bool = True,
+    on_progress: Progress | None = None,
 ) -> TrainResult:
+    """Train coefficients and head on `train`; `on_progress` hears ("embedding", 0|1, 1), then
+    ("training", step, steps) after every optimizer step (steps assumes no early stop)."""
     options = options or TrainOptions()
     start = time.perf_counter()
     torch.manual_seed(options.seed)
@@ -74,6 +77,8 @@ def train_task(
 
     model = TextTaskModel(backbone, bank, len(labels))
     model.labels = tuple(labels)
+    if on_progress is not None:
+        on_progress("embedding", 0, 1)
     train_x, val_x = (
         backbone.embed(
             split.texts, model=model.reparam.model, max_length=options.max_length, progress=progress
@@ -81,6 +86,8 @@ def train_task(
         for split in (train, val)
     )
     probe_c, probe_val = probe_head(model.head, train_x, train_y, val_x, val_y, options.seed)
+    if on_progress is not None:
+        on_progress("embedding", 1, 1)
 
     groups = [
         {"params": list(model.reparam.coefficients), "lr": options.lr},
@@ -90,7 +97,7 @@ def train_task(
         name: text_examples(backbone.tokenize, split.texts, y, options.max_length)
         for name, split, y in (("train", train, train_y), ("val", val, val_y))
     }
-    outcome = fit(model, groups, examples["train"], examples["val"], options, progress)
+    outcome = fit(model, groups, examples["train"], examples["val"], options, progress, on_progress)
     summary: dict[str, Any] = {
         "val_accuracy": outcome.val_accuracy,
         "best_epoch": outcome.best_epoch,

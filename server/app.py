@@ -18,11 +18,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from server.auth import Authenticator
 from server.batcher import Batcher
+from server.console_routes import install as install_console
 from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServerError
+from server.job_routes import router as job_router
+from server.keys import KeyRing
 from server.limits import BodyLimit
 from server.metrics import Metrics
+from server.openapi import install as install_openapi
+from server.ratelimit import RateLimiter
 from server.routes import router
 from server.runtime import Runtime, start_runtime
 from server.settings import Settings
@@ -36,6 +43,11 @@ class AppState:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
+        self.auth = Authenticator(
+            KeyRing(settings.keys, settings.keys_file),
+            RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+            settings.predict_requires_key,
+        )
         self.runtime: Runtime | None = None
         self.batcher: Batcher | None = None
         self.ready = False
@@ -52,8 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not settings.keys:
-            log.warning("RECAST_API_KEYS is empty: task upload and delete need no key on this server")
+        if not state.auth.keys.enabled:
+            log.warning("no API keys configured: task upload and delete need no key on this server")
         runtime = await asyncio.to_thread(start_runtime, settings, state.metrics)
         batcher = Batcher(
             runtime.predictor.predict,
@@ -82,6 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.recast = state
     app.include_router(router)
+    app.include_router(job_router)
+    install_console(app)
+    install_openapi(app)
     _install_error_handlers(app)
     _install_request_middleware(app, state.metrics)
     app.add_middleware(BodyLimit, max_bytes=max_body)
@@ -120,7 +135,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 413:
             return _error_response(PayloadTooLarge("request body too large"))
         if exc.status_code == 405:
-            return _error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+            not_allowed = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+            response = _error_response(not_allowed)
+            response.headers["Allow"] = _allowed_methods(request)  # RFC 9110: a 405 names what is allowed
+            return response
         error = ServerError(str(exc.detail))
         error.status, error.error_type = exc.status_code, "http_error"
         return _error_response(error)
@@ -161,8 +179,21 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
                 "status": response.status_code,
                 "ms": round(seconds * 1000, 2),
             }
+            identity = getattr(request.state, "identity", None)  # set once the key was checked
+            if identity is not None:
+                fields["tenant"], fields["key_id"] = identity.tenant, identity.key_id
             access.info("request", extra=fields)
         return response
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on the request's path (Starlette names only the first route's)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
 
 
 def _endpoint(request: Request) -> str:

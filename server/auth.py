@@ -1,23 +1,53 @@
-"""Bearer API keys: 401 when no usable credentials are sent, 403 when the key is not one of ours."""
+"""Who is asking: the API key's tenant and role, or an anonymous caller of the default tenant.
+
+401 when credentials are needed but none (or a malformed header) were sent, 403 when the key is unknown
+or its role may not do what was asked, 429 when the key spent its rate limit. A request carrying a valid
+key always acts in that key's tenant, also on endpoints that need no key.
+"""
 
 from __future__ import annotations
 
-import hmac
+from dataclasses import dataclass
+from typing import Literal
 
 from server.errors import Forbidden, Unauthorized
+from server.keys import KeyRing, Role
+from server.ratelimit import RateLimiter
+from server.task_ids import DEFAULT_TENANT
+
+Need = Literal["admin", "predict", "read"]
 
 
-def check_bearer(authorization: str | None, keys: tuple[str, ...]) -> None:
-    """Raise unless `authorization` is `Bearer <key>` for one of `keys` (all compared, constant time)."""
-    if authorization is None or not authorization.strip():
-        raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-    supplied = token.encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(supplied, key.encode())
-    if not matched:
-        raise Forbidden("the API key is not valid for this server")
+@dataclass(frozen=True)
+class Identity:
+    tenant: str
+    role: Role | None  # None: no key was sent
+    key_id: str | None
+
+
+ANONYMOUS = Identity(DEFAULT_TENANT, None, None)
+
+
+class Authenticator:
+    def __init__(self, keys: KeyRing, limiter: RateLimiter, predict_requires_key: bool) -> None:
+        self.keys, self.limiter, self.predict_requires_key = keys, limiter, predict_requires_key
+
+    def identify(self, authorization: str | None, need: Need) -> Identity:
+        """The caller's identity for an action needing `need`; raises Unauthorized/Forbidden/RateLimited."""
+        if not self.keys.enabled:  # an open server (loopback only): everyone administers the default tenant
+            return ANONYMOUS
+        if not authorization or not authorization.strip():
+            if need == "admin" or self.predict_requires_key:
+                raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+            return ANONYMOUS
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        record = self.keys.lookup(token)
+        if record is None:
+            raise Forbidden("the API key is not valid for this server")
+        if need == "admin" and record.role != "admin":
+            raise Forbidden(f"key {record.id!r} may only predict; uploads and deletes need an admin key")
+        self.limiter.take(record.id, record.rate_per_s, record.burst)
+        return Identity(record.tenant, record.role, record.id)

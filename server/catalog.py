@@ -18,7 +18,7 @@ from server.heads import Head, Superseded
 from server.metrics import Metrics
 from server.registry import TaskEntry, TaskRegistry
 from server.stores.base import Change, StoredTask, TaskStore
-from server.task_ids import check_task_id
+from server.task_ids import check_stored_id
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class TaskCatalog:
 
     def upload(self, task_id: str, data: bytes, *, if_match: int | None = None) -> TaskEntry:
         """Validate, store durably, then serve: returns the entry now answering requests for the task."""
-        check_task_id(task_id)
+        check_stored_id(task_id)
         artifact = self.validate(data)
         stored = self.store.put(task_id, data, if_match=if_match)
         entry = self.registry.apply(stored, artifact)
@@ -86,7 +86,7 @@ class TaskCatalog:
         return entry
 
     def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         tombstone = self.store.delete(task_id, if_match=if_match)
         self.registry.apply(tombstone)
         self._update_gauge()

@@ -37,6 +37,16 @@ class VersionConflict(ServerError):
     error_type, status = "version_conflict", 409
 
 
+class UnknownJob(ServerError):
+    error_type, status = "unknown_job", 404
+
+
+class JobFinished(ServerError):
+    """A job that already ended cannot be cancelled."""
+
+    error_type, status = "job_finished", 409
+
+
 class ArtifactRejected(ServerError):
     """An uploaded artifact failed validation; `reason` is the artifact error's own type."""
 
@@ -87,6 +97,12 @@ class Overloaded(ServerError):
     """The request queue is full: retry after `retry_after` seconds."""
 
     error_type, status = "overloaded", 429
+
+
+class RateLimited(ServerError):
+    """The API key spent its request budget: retry after `retry_after` seconds."""
+
+    error_type, status = "rate_limited", 429
 
 
 class NotReady(ServerError):

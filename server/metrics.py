@@ -49,4 +49,14 @@ class Metrics:
         self.upload_rejections = Counter(
             "recast_upload_rejections", "task uploads refused, by reason", ["reason"], registry=r
         )
+        self.jobs = Counter(
+            "recast_training_jobs",
+            "training jobs by state reached (queued, succeeded, ...)",
+            ["state"],
+            registry=r,
+        )
+        self.jobs_queued = Gauge("recast_training_jobs_queued", "training jobs waiting to start", registry=r)
+        self.store_up = Gauge(
+            "recast_store_up", "1 while the task store is reachable and caught up, else 0", registry=r
+        )
         self.kernel = Info("recast_kernel", "kernel path serving the encoder", registry=r)

@@ -21,7 +21,7 @@ from recast_core.errors import ArtifactError
 from server.errors import ArtifactRejected, NotReady, UnknownTask
 from server.heads import Head, HeadCache, Superseded
 from server.stores.base import StoredTask
-from server.task_ids import check_task_id
+from server.task_ids import DEFAULT_TENANT, SEPARATOR, check_stored_id, check_task_id, split_stored_id
 
 DEFAULT_HEAD_BYTES = 1 << 30
 
@@ -83,8 +83,9 @@ class TaskRegistry:
         self.heads = heads if heads is not None else HeadCache(DEFAULT_HEAD_BYTES)
         self._entries: dict[str, TaskEntry] = {}
         self._versions: dict[str, int] = {}  # newest version seen per id, tombstones included
-        # live ids in order: built on the first page() (not during bulk loads), then kept sorted incrementally
-        self._sorted: list[str] | None = None
+        # live ids of each tenant in order: built on the first page() (not during bulk loads), then kept
+        # sorted incrementally
+        self._sorted: dict[str, list[str]] | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -103,7 +104,7 @@ class TaskRegistry:
         `artifact` is the already validated parse of stored.data (validated here when omitted). Returns the
         installed entry, or None for a tombstone or a version that is not newer.
         """
-        check_task_id(stored.task_id)
+        check_stored_id(stored.task_id)
         if stored.version <= self.known_version(stored.task_id):  # cheap check before any parsing
             return None
         entry = None
@@ -117,10 +118,13 @@ class TaskRegistry:
             self._versions[stored.task_id] = stored.version
             if entry is None:
                 if self._entries.pop(stored.task_id, None) is not None and self._sorted is not None:
-                    del self._sorted[bisect.bisect_left(self._sorted, stored.task_id)]
+                    ids = self._sorted[split_stored_id(stored.task_id)[0]]
+                    del ids[bisect.bisect_left(ids, stored.task_id)]
             else:
                 if stored.task_id not in self._entries and self._sorted is not None:
-                    bisect.insort(self._sorted, stored.task_id)
+                    bisect.insort(
+                        self._sorted.setdefault(split_stored_id(stored.task_id)[0], []), stored.task_id
+                    )
                 self._entries[stored.task_id] = entry
         return entry
 
@@ -136,7 +140,10 @@ class TaskRegistry:
                 return entry, self.head(entry)
             except Superseded:
                 continue
-        raise NotReady(f"task {task_id!r} is being replaced faster than it can be loaded", retry_after=1)
+        raise NotReady(
+            f"task {split_stored_id(task_id)[1]!r} is being replaced faster than it can be loaded",
+            retry_after=1,
+        )
 
     def known_version(self, task_id: str) -> int:
         """The newest version seen for the id (0: never), a tombstone's included."""
@@ -145,7 +152,7 @@ class TaskRegistry:
     def get(self, task_id: str) -> TaskEntry:
         entry = self._entries.get(task_id)
         if entry is None:
-            raise UnknownTask(f"no task {task_id!r}")
+            raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
         return entry
 
     def snapshot(self, task_ids: Iterable[str]) -> dict[str, TaskEntry]:
@@ -155,17 +162,23 @@ class TaskRegistry:
         found = {}
         for task_id in task_ids:
             if task_id not in entries:
-                raise UnknownTask(f"no task {task_id!r}")
+                raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
             found[task_id] = entries[task_id]
         return found
 
-    def page(self, after: str = "", limit: int = 100) -> tuple[list[TaskEntry], int]:
-        """At most `limit` entries in id order, starting after the id `after`; and the total count.
+    def page(
+        self, after: str = "", limit: int = 100, tenant: str = DEFAULT_TENANT
+    ) -> tuple[list[TaskEntry], int]:
+        """At most `limit` of `tenant`'s entries in task id order, after the task id `after`; and their count.
 
         The first call sorts every id (about a second for a million): call it off the event loop."""
         with self._lock:
             if self._sorted is None:
-                self._sorted = sorted(self._entries)
-            start = bisect.bisect_right(self._sorted, after) if after else 0
-            entries = [self._entries[i] for i in self._sorted[start : start + limit]]
-            return entries, len(self._sorted)
+                self._sorted = {}
+                for stored_id in sorted(self._entries):
+                    self._sorted.setdefault(split_stored_id(stored_id)[0], []).append(stored_id)
+            ids = self._sorted.get(tenant, [])
+            prefix = "" if tenant == DEFAULT_TENANT else tenant + SEPARATOR
+            start = bisect.bisect_right(ids, prefix + after) if after else 0
+            entries = [self._entries[i] for i in ids[start : start + limit]]
+            return entries, len(ids)

@@ -9,30 +9,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from server.auth import check_bearer
-from server.errors import BadInput, NotReady, PayloadTooLarge, UnsupportedMediaType
+from server.auth import Identity, Need
+from server.errors import BadInput, NotReady, PayloadTooLarge, StoreError, UnsupportedMediaType
+from server.openapi import error_responses
 from server.predictor import TaskRequest
 from server.registry import TaskEntry
-from server.task_ids import check_task_id
+from server.task_ids import check_task_id, qualify, split_stored_id
 
 router = APIRouter()
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": text, "model": None}
-    for status, text in (
-        (400, "bad input: `{error, error_type}`"),
-        (401, "no API key"),
-        (403, "API key not valid"),
-        (404, "unknown task"),
-        (409, "version conflict (If-Match)"),
-        (413, "artifact too large"),
-        (422, "invalid artifact (reason names the check that failed)"),
-        (429, "overloaded; retry after Retry-After seconds"),
-        (503, "not ready or store unavailable"),
-    )
-}
+ARTIFACT_TYPE = "application/octet-stream"
+ARTIFACT = {"type": "string", "format": "binary", "description": "the task artifact (.safetensors)"}
 
 
 class PredictRequest(BaseModel):
@@ -85,7 +75,7 @@ def _state(request: Request) -> Any:
 
 def _summary(entry: TaskEntry) -> TaskSummary:
     return TaskSummary(
-        task_id=entry.task_id,
+        task_id=split_stored_id(entry.task_id)[1],
         version=entry.version,
         labels=list(entry.labels),
         updated=entry.updated,
@@ -115,13 +105,26 @@ def _if_match(value: str | None) -> int | None:
     return int(text)
 
 
-def _admin(request: Request, authorization: str | None) -> None:
-    keys = _state(request).settings.keys
-    if keys:
-        check_bearer(authorization, keys)
+def _identity(request: Request, authorization: str | None, need: Need) -> Identity:
+    """The caller (tenant, role, key id), also recorded for the access log; raises 401/403/429."""
+    identity: Identity = _state(request).auth.identify(authorization, need)
+    request.state.identity = identity
+    return identity
 
 
-@router.put("/v1/tasks/{task_id}", response_model=TaskDetail, responses=ERRORS, tags=["tasks"])
+def _stored_id(identity: Identity, task_id: str) -> str:
+    """The id the caller's `task_id` is stored under: tasks are private to their tenant."""
+    return qualify(identity.tenant, check_task_id(task_id))
+
+
+@router.put(
+    "/v1/tasks/{task_id}",
+    response_model=TaskDetail,
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
+    | {201: {"model": TaskDetail, "description": "created (version 1)"}},
+    tags=["tasks"],
+    openapi_extra={"requestBody": {"required": True, "content": {ARTIFACT_TYPE: {"schema": ARTIFACT}}}},
+)
 async def upload_task(
     task_id: str,
     request: Request,
@@ -131,8 +134,7 @@ async def upload_task(
 ) -> TaskDetail:
     """Upload a task artifact (raw safetensors body, `application/octet-stream`); returns its new version."""
     state = _state(request)
-    _admin(request, authorization)
-    check_task_id(task_id)
+    stored_id = _stored_id(_identity(request, authorization, "admin"), task_id)
     expected = _if_match(if_match)
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if content_type != "application/octet-stream":
@@ -153,7 +155,7 @@ async def upload_task(
         raise BadInput("empty body: send the task artifact (.safetensors) as the request body")
     runtime, _ = state.require()
     start = time.perf_counter()
-    entry = await run_in_threadpool(runtime.catalog.upload, task_id, bytes(body), if_match=expected)
+    entry = await run_in_threadpool(runtime.catalog.upload, stored_id, bytes(body), if_match=expected)
     seconds = time.perf_counter() - start  # validated, stored durably and servable
     state.metrics.upload_seconds.observe(seconds)
     response.status_code = 201 if entry.version == 1 else 200
@@ -162,28 +164,48 @@ async def upload_task(
     return _detail(entry)
 
 
-@router.get("/v1/tasks", response_model=TaskPage, responses=ERRORS, tags=["tasks"])
+@router.get(
+    "/v1/tasks", response_model=TaskPage, responses=error_responses(400, 401, 403, 429, 503), tags=["tasks"]
+)
 async def list_tasks(
     request: Request,
+    authorization: Annotated[str | None, Header()] = None,
     after: Annotated[str, Query(max_length=128, description="last task id of the previous page")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TaskPage:
+    identity = _identity(request, authorization, "read")
     runtime, _ = _state(request).require()
-    entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1)
-    last = entries[limit - 1].task_id if len(entries) > limit else None
+    entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1, identity.tenant)
+    last = split_stored_id(entries[limit - 1].task_id)[1] if len(entries) > limit else None
     entries = entries[:limit]
     return TaskPage(tasks=[_summary(e) for e in entries], total=total, next=last)
 
 
-@router.get("/v1/tasks/{task_id}", response_model=TaskDetail, responses=ERRORS, tags=["tasks"])
-async def get_task(task_id: str, request: Request, response: Response) -> TaskDetail:
+@router.get(
+    "/v1/tasks/{task_id}",
+    response_model=TaskDetail,
+    responses=error_responses(400, 401, 403, 404, 429, 503),
+    tags=["tasks"],
+)
+async def get_task(
+    task_id: str,
+    request: Request,
+    response: Response,
+    authorization: Annotated[str | None, Header()] = None,
+) -> TaskDetail:
+    stored_id = _stored_id(_identity(request, authorization, "read"), task_id)
     runtime, _ = _state(request).require()
-    entry = runtime.registry.get(check_task_id(task_id))
+    entry = runtime.registry.get(stored_id)
     response.headers["ETag"] = f'"{entry.version}"'
     return _detail(entry)
 
 
-@router.delete("/v1/tasks/{task_id}", response_model=Deleted, responses=ERRORS, tags=["tasks"])
+@router.delete(
+    "/v1/tasks/{task_id}",
+    response_model=Deleted,
+    responses=error_responses(400, 401, 403, 404, 409, 429, 503),
+    tags=["tasks"],
+)
 async def delete_task(
     task_id: str,
     request: Request,
@@ -191,16 +213,18 @@ async def delete_task(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Deleted:
     state = _state(request)
-    _admin(request, authorization)
-    check_task_id(task_id)
+    stored_id = _stored_id(_identity(request, authorization, "admin"), task_id)
     expected = _if_match(if_match)
     runtime, _ = state.require()
-    tombstone = await run_in_threadpool(runtime.catalog.delete, task_id, if_match=expected)
+    tombstone = await run_in_threadpool(runtime.catalog.delete, stored_id, if_match=expected)
     return Deleted(task_id=task_id, version=tombstone.version)
 
 
 @router.post(
-    "/v1/tasks/{task_id}/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"]
+    "/v1/tasks/{task_id}/predict",
+    response_model=PredictResponse,
+    responses=error_responses(400, 401, 403, 404, 413, 429, 503),
+    tags=["predict"],
 )
 async def predict(
     task_id: str,
@@ -211,9 +235,7 @@ async def predict(
     """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
     state = _state(request)
     settings = state.settings
-    if settings.predict_requires_key:
-        check_bearer(authorization, settings.keys)
-    check_task_id(task_id)
+    stored_id = _stored_id(_identity(request, authorization, "predict"), task_id)
     if not 1 <= len(body.inputs) <= settings.max_inputs:
         raise BadInput(f"inputs must hold 1 to {settings.max_inputs} texts, got {len(body.inputs)}")
     for i, text in enumerate(body.inputs):
@@ -221,10 +243,10 @@ async def predict(
             raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {settings.max_input_chars}")
     runtime, batcher = state.require()
     registry = runtime.registry
-    entry = registry.get(task_id)  # this version (and its head) answers the whole request
+    entry = registry.get(stored_id)  # this version (and its head) answers the whole request
     head = registry.heads.cached(entry.digest)
     if head is None:  # evicted under the memory budget: read back from the store, off the event loop
-        entry, head = await run_in_threadpool(registry.resolve, task_id)
+        entry, head = await run_in_threadpool(registry.resolve, stored_id)
     try:
         work = TaskRequest(entry, head, body.inputs)
         outputs = await asyncio.wait_for(batcher.submit(work), settings.request_timeout_s)
@@ -239,7 +261,7 @@ async def predict(
     )
 
 
-@router.get("/v1/backbone", tags=["server"])
+@router.get("/v1/backbone", tags=["server"], responses=error_responses(503))
 async def backbone(request: Request) -> dict[str, Any]:
     runtime, _ = _state(request).require()
     bank = runtime.bank
@@ -264,13 +286,36 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["server"], responses=ERRORS)
-async def readyz(request: Request) -> dict[str, Any]:
-    """Readiness: backbone, bank and tasks loaded, batcher running."""
+@router.get("/readyz", tags=["server"], responses=error_responses(400, 503))
+async def readyz(
+    request: Request,
+    strict: Annotated[bool, Query(description="also answer 503 while the task store is unreachable")] = False,
+) -> dict[str, Any]:
+    """Readiness: backbone, bank and tasks loaded, batcher running (503 `not_ready` otherwise).
+
+    While the task store is unreachable or catching up, the replica still answers predictions for its
+    resident tasks (uploads and deletes answer 503 `store_unavailable`), so it stays ready with
+    `"status": "degraded"`; with `strict=true` it answers 503 `store_unavailable` instead. Taking every
+    replica out of a load balancer because a shared database is down would stop predictions as well."""
     runtime, batcher = _state(request).require()
-    return {"status": "ready", "tasks": len(runtime.registry), "queued_texts": batcher.queued_texts}
+    store_ok = runtime.store.healthy
+    if not store_ok and strict:
+        raise StoreError(
+            f"the task store ({runtime.store.kind}) is unreachable or catching up; uploads and deletes "
+            "fail until it is back, resident tasks still answer predictions",
+            retry_after=2,
+        )
+    return {
+        "status": "ready" if store_ok else "degraded",
+        "store": "ok" if store_ok else "unavailable",
+        "tasks": len(runtime.registry),
+        "queued_texts": batcher.queued_texts,
+    }
 
 
-@router.get("/metrics", tags=["server"])
+@router.get("/metrics", tags=["server"], response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = _state(request)
+    if state.runtime is not None:
+        state.metrics.store_up.set(1 if state.runtime.store.healthy else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,11 +25,13 @@ from recast_core.task_model import artifact_spec
 from server.catalog import TaskCatalog
 from server.errors import VersionConflict
 from server.heads import HeadCache
+from server.jobs import JobManager
 from server.metrics import Metrics
 from server.predictor import Predictor
 from server.registry import TaskRegistry
 from server.settings import Settings
 from server.stores import TaskStore, open_store
+from server.stores.jobs import JobStore, open_job_store
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,15 @@ class Runtime:
     store: TaskStore
     catalog: TaskCatalog
     metrics: Metrics
+    job_store: JobStore
+    jobs: JobManager
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.jobs.close()
+            self.job_store.close()
+        finally:
+            self.store.close()
 
 
 def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
@@ -118,6 +126,19 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         catalog.load()
         for task_id, path in settings.preloads:
             _preload(catalog, task_id, path)
+        job_store = open_job_store(settings.store, getattr(store, "safe_dsn", None))
+        jobs = JobManager(
+            job_store,
+            catalog,
+            settings.bank,
+            bank.fingerprint,
+            max_jobs=settings.max_training_jobs,
+            max_queued=settings.max_queued_jobs,
+            threads=settings.train_threads,
+            nice=settings.train_nice,
+            idle_priority=settings.train_idle_priority,
+            metrics=metrics,
+        )
         predictor.warm_up()
     except BaseException:
         store.close()
@@ -133,4 +154,6 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             "seconds": round(time.perf_counter() - start, 2),
         },
     )
-    return Runtime(settings, backbone, bank, kernels, predictor, registry, store, catalog, metrics)
+    return Runtime(
+        settings, backbone, bank, kernels, predictor, registry, store, catalog, metrics, job_store, jobs
+    )

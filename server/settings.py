@@ -25,7 +25,16 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         default="", description="comma-separated keys for admin endpoints (and predict if required)"
     )
-    predict_requires_key: bool = False
+    keys_file: Path | None = Field(
+        default=None, description="JSON file of hashed, tenant-scoped keys (`recast keys create`)"
+    )
+    predict_requires_key: bool = Field(
+        default=False, description="predict and reads need a key too (any role)"
+    )
+    rate_limit_per_s: float = Field(
+        default=100.0, ge=0, description="requests per second per API key (0: unlimited); keys may override"
+    )
+    rate_limit_burst: int = Field(default=200, ge=1, description="requests a key may send at once")
     kernel: str | None = Field(default=None, description="force a kernel path: reference, torch or triton")
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's choice)"
@@ -45,6 +54,14 @@ class Settings(BaseSettings):
         default=1 << 30, ge=0, description="memory for classifier heads; others are read back from the store"
     )
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
+    max_training_jobs: int = Field(default=1, ge=1, le=64, description="training jobs run at once")
+    max_queued_jobs: int = Field(default=8, ge=0, description="training jobs waiting beyond which 429")
+    train_threads: int = Field(default=1, ge=1, description="torch threads of each training process")
+    train_nice: int = Field(default=10, ge=0, le=19, description="CPU priority drop of training processes")
+    train_idle_priority: bool = Field(
+        default=True, description="training processes run only on CPU time serving leaves idle (SCHED_IDLE)"
+    )
+    max_train_examples: int = Field(default=20_000, ge=4, description="labelled examples per training job")
     preload: str = Field(
         default="",
         description="TASK_ID=ARTIFACT,...: stored at start-up if the store never held the task",
@@ -78,12 +95,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _auth_is_consistent(self) -> Settings:
-        if self.predict_requires_key and not self.keys:
-            raise ValueError("RECAST_PREDICT_REQUIRES_KEY needs RECAST_API_KEYS")
-        if not self.keys and self.host not in LOOPBACK:
+        has_keys = bool(self.keys) or self.keys_file is not None
+        if self.predict_requires_key and not has_keys:
+            raise ValueError("RECAST_PREDICT_REQUIRES_KEY needs RECAST_API_KEYS or RECAST_KEYS_FILE")
+        if not has_keys and self.host not in LOOPBACK:
             raise ValueError(
-                f"RECAST_API_KEYS is required when binding to {self.host} (anyone reaching it could upload "
-                "and delete tasks); set keys, or bind to 127.0.0.1"
+                f"RECAST_API_KEYS or RECAST_KEYS_FILE is required when binding to {self.host} (anyone "
+                "reaching it could upload and delete tasks); set keys, or bind to 127.0.0.1"
             )
         return self
 

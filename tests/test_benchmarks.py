@@ -52,3 +52,29 @@ def test_accuracy_quick_writes_every_task_and_method(tmp_path: Path) -> None:
     assert by_method["recast"]["artifact_bytes"] < by_method["lora_r8"]["artifact_bytes"] / 50
     table = (out / "results.md").read_text()
     assert all(m in table for m in METHODS) and (out / "results.png").stat().st_size > 1000
+
+
+def test_soak_briefly_has_no_errors_and_reports_every_window(bank_dir: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    cmd = [sys.executable, "-m", "benchmarks.soak", "--minutes", "0.4", "--window", "6", "--warmup", "3"]
+    cmd += ["--tasks", "60", "--concurrency", "3", "--mutations-per-s", "4", "--bank", str(bank_dir)]
+    cmd += ["--write", str(doc), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["error_rate"] == 0.0 and result["error_samples"] == []
+    assert result["throttled_429"] >= 0 and result["requests"] > 20
+    windows = result["windows"]
+    assert [w["window"] for w in windows] == [0, 1, 2, 3]
+    for w in windows:
+        assert w["answered"] > 0 and w["errors"] == 0
+        assert 0 < w["p50_ms"] <= w["p99_ms"] < 30_000
+        assert 100 < w["rss_mib"] < 16_000
+    assert 0 < result["p99_drift"] < 100 and abs(result["rss_growth_mib"]) < 1000
+    assert result["uploads"] > 0 and result["uploads_servable_on_next_request"] == result["uploads"]
+    assert result["deletes"] > 0 and result["deletes_404_on_next_request"] == result["deletes"]
+    assert result["recreated_servable_on_next_request"] == result["recreated"] == result["deletes"]
+    assert result["all_changes_servable"] and result["tasks_listed_after"] == 60
+    section = doc.read_text()
+    assert "<!-- soak:begin -->" in section and "<!-- soak:end -->" in section
+    assert "python -m benchmarks.soak --minutes 0.4 --tasks 60" in section and "| 3 |" in section

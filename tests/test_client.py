@@ -120,3 +120,15 @@ def test_cli_verbs_against_a_server(
         assert "no artifact file" in capsys.readouterr().err
         assert main(["tasks", "delete", "topic", "--url", url, "--api-key", "wrong"]) == 2
         assert "not valid" in capsys.readouterr().err
+
+
+def test_the_client_knows_every_error_type_the_server_answers() -> None:
+    import server.errors as server_errors
+    from recast_client.errors import BY_TYPE, Retryable
+
+    def subclasses(cls: type[server_errors.ServerError]) -> list[type[server_errors.ServerError]]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(server_errors.ServerError):
+        assert cls.error_type in BY_TYPE, cls
+        assert issubclass(BY_TYPE[cls.error_type], Retryable) == (cls.status in (429, 503)), cls

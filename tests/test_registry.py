@@ -168,3 +168,19 @@ def test_heads_beyond_the_budget_are_read_back_from_the_store(tmp_path: Path) ->
         registry.head(old)
     entry, (weight, _) = registry.resolve("t1")
     assert entry.version == 2 and torch.equal(weight, artifacts[2].head_weight)
+
+
+def test_registry_pages_each_tenant_on_its_own() -> None:
+    registry = TaskRegistry(SPEC)
+    data = _artifact(7).to_bytes()
+    ids = ["a", "b", "team-a~a", "team-a~c", "team-b~b", "z"]
+    for i, stored_id in enumerate(ids):
+        registry.apply(StoredTask(stored_id, 1, data, f"2026-01-0{i + 1}T00:00:00Z"))
+    default, total = registry.page()
+    assert [e.task_id for e in default] == ["a", "b", "z"] and total == 3
+    team_a, total = registry.page("", 1, "team-a")
+    assert [e.task_id for e in team_a] == ["team-a~a"] and total == 2
+    assert [e.task_id for e in registry.page("a", 10, "team-a")[0]] == ["team-a~c"]
+    assert registry.page(tenant="team-c") == ([], 0)
+    registry.apply(StoredTask("team-a~a", 2, None, "2026-01-09T00:00:00Z"))  # deleted
+    assert [e.task_id for e in registry.page(tenant="team-a")[0]] == ["team-a~c"]

@@ -34,12 +34,13 @@ def _artifact(seed: int) -> TaskArtifact:
     )
 
 
-def test_settings_refuse_unsafe_or_contradictory_auth() -> None:
-    with pytest.raises(ValidationError, match="RECAST_API_KEYS is required"):
+def test_settings_refuse_unsafe_or_contradictory_auth(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="RECAST_API_KEYS or RECAST_KEYS_FILE is required"):
         Settings(host="0.0.0.0")
-    with pytest.raises(ValidationError, match="needs RECAST_API_KEYS"):
+    with pytest.raises(ValidationError, match="needs RECAST_API_KEYS or RECAST_KEYS_FILE"):
         Settings(predict_requires_key=True)
     assert Settings(host="0.0.0.0", api_keys="a, b").keys == ("a", "b")
+    assert Settings(host="0.0.0.0", keys_file=tmp_path / "keys.json").keys_file == tmp_path / "keys.json"
     with pytest.raises(ValidationError, match="TASK_ID=ARTIFACT"):
         Settings(preload="no-equals-sign")
 

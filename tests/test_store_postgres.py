@@ -243,6 +243,24 @@ def test_restart_reconnects_watcher_and_store(make_store: MakeStore, postgres_cl
     assert wait_for(lambda: Change("t", 2, False) in seen.changes, 1.0), seen.changes
 
 
+def test_healthy_follows_the_watcher_through_a_restart(
+    make_store: MakeStore, postgres_cluster: PgCluster
+) -> None:
+    store, seen = make_store(), Recorder()
+    assert not store.healthy  # not watching yet
+    store.watch(seen.on_change, seen.on_resync)
+    assert store.healthy
+    postgres_cluster.stop("immediate")
+    try:
+        assert wait_for(lambda: not store.healthy, 2.0), "a lost connection is noticed"
+    finally:
+        postgres_cluster.start()
+    assert wait_for(lambda: store.healthy, 10.0), "healthy again once reconnected"
+    assert seen.resyncs == 1  # and only after the rescan
+    store.close()
+    assert not store.healthy
+
+
 @pytest.mark.parametrize(
     "dsn",
     [

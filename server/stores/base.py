@@ -61,6 +61,13 @@ class TaskStore(ABC):
     def scan(self) -> Iterator[StoredTask]:
         """Every task's newest version, tombstones included, in no particular order (start-up, resync)."""
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the store is reachable and this process is hearing its changes (readiness).
+
+        A store with a single writer and no connection (the directory store) always is."""
+        return True
+
     def watch(self, on_change: Callable[[Change], None], on_resync: Callable[[], None]) -> None:  # noqa: B027
         """Deliver other writers' changes from a background thread until `close`.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from server.errors import StoreError, UnknownTask, VersionConflict
 from server.stores.base import StoredTask, TaskStore
-from server.task_ids import check_task_id, is_task_id
+from server.task_ids import check_stored_id, is_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
 LIVE, TOMBSTONE = ".safetensors", ".deleted"
@@ -52,29 +52,33 @@ class DirectoryStore(TaskStore):
         self._remove_temp_files()
 
     def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         with self._task_lock(task_id):
             current = self._newest(task_id)
             live = 0 if current is None or current[1] == TOMBSTONE else current[0]
             if if_match is not None and if_match != live:
-                raise VersionConflict(f"task {task_id!r} is at version {live}, not {if_match}")
+                raise VersionConflict(
+                    f"task {split_stored_id(task_id)[1]!r} is at version {live}, not {if_match}"
+                )
             version = 1 if current is None else current[0] + 1
             path = self._write(task_id, version, LIVE, data)
             return StoredTask(task_id, version, data, _mtime(path))
 
     def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         with self._task_lock(task_id):
             current = self._newest(task_id)
             if current is None or current[1] == TOMBSTONE:
-                raise UnknownTask(f"no task {task_id!r}")
+                raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
             if if_match is not None and if_match != current[0]:
-                raise VersionConflict(f"task {task_id!r} is at version {current[0]}, not {if_match}")
+                raise VersionConflict(
+                    f"task {split_stored_id(task_id)[1]!r} is at version {current[0]}, not {if_match}"
+                )
             path = self._write(task_id, current[0] + 1, TOMBSTONE, b"")
             return StoredTask(task_id, current[0] + 1, None, _mtime(path))
 
     def get(self, task_id: str) -> StoredTask | None:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         with self._task_lock(task_id):
             return self._read(task_id)
 
@@ -84,7 +88,7 @@ class DirectoryStore(TaskStore):
         except OSError as exc:
             raise StoreError(f"cannot list task store {self.root}: {exc}") from None
         for task_id in names:
-            if not is_task_id(task_id):  # lost+found, dot files: not ours
+            if not is_stored_id(task_id):  # lost+found, dot files: not ours
                 continue
             stored = self._read(task_id)
             if stored is not None:

@@ -20,6 +20,8 @@ the JSON payload `{"task_id": str, "version": int, "deleted": bool}`; PostgreSQL
 watcher LISTENs on its own connection and hands each payload to `on_change`; after a lost connection it
 reconnects (backoff 0.1 s doubling to 2 s), LISTENs again and calls `on_resync`, since changes made while
 it was away were not delivered. A store hears its own changes too; the catalog ignores versions it has.
+`healthy` (readiness) is True while the watcher is listening and has caught up (its last resync worked);
+False before `watch`, from a lost connection until the resync after reconnecting, and after `close`.
 
 Connections are opened on demand and a few idle ones are kept for reuse. A reused connection found broken
 when its transaction begins (the server restarted) is replaced once, transparently; any other failure is a
@@ -42,7 +44,7 @@ from psycopg import sql
 
 from server.errors import StoreError, UnknownTask, VersionConflict
 from server.stores.base import Change, StoredTask, TaskStore
-from server.task_ids import check_task_id
+from server.task_ids import check_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
 
@@ -106,35 +108,40 @@ class PostgresStore(TaskStore):
         self._stopping = threading.Event()
         self._first_try = threading.Event()  # the watcher's first LISTEN succeeded or failed
         self._watcher: threading.Thread | None = None
+        self._caught_up = False  # written by the watcher thread only (and close)
 
     # the interface
 
     def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         statement = self._sql["upsert" if if_match in (None, 0) else "update"]
         with self._transaction() as conn:
             row = conn.execute(statement, {"task_id": task_id, "data": data, "if_match": if_match}).fetchone()
             if row is None:
                 live = self._live_version(conn, task_id)
-                raise VersionConflict(f"task {task_id!r} is at version {live}, not {if_match}")
+                raise VersionConflict(
+                    f"task {split_stored_id(task_id)[1]!r} is at version {live}, not {if_match}"
+                )
             self._notify(conn, task_id, row[0], deleted=False)
         return StoredTask(task_id, row[0], data, _iso(row[1]))
 
     def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         with self._transaction() as conn:
             params = {"task_id": task_id, "data": None, "if_match": if_match}
             row = conn.execute(self._sql["update"], params).fetchone()
             if row is None:
                 live = self._live_version(conn, task_id)
                 if live == 0:
-                    raise UnknownTask(f"no task {task_id!r}")
-                raise VersionConflict(f"task {task_id!r} is at version {live}, not {if_match}")
+                    raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
+                raise VersionConflict(
+                    f"task {split_stored_id(task_id)[1]!r} is at version {live}, not {if_match}"
+                )
             self._notify(conn, task_id, row[0], deleted=True)
         return StoredTask(task_id, row[0], None, _iso(row[1]))
 
     def get(self, task_id: str) -> StoredTask | None:
-        check_task_id(task_id)
+        check_stored_id(task_id)
         with self._transaction() as conn:
             row = conn.execute(self._sql["get"], (task_id,), binary=True).fetchone()
         return None if row is None else StoredTask(task_id, row[0], _bytes(row[1]), _iso(row[2]))
@@ -145,6 +152,10 @@ class PostgresStore(TaskStore):
             cursor.execute(self._sql["scan"])
             for task_id, version, data, updated in cursor:
                 yield StoredTask(task_id, version, _bytes(data), _iso(updated))
+
+    @property
+    def healthy(self) -> bool:
+        return self._caught_up and not self._closed
 
     def watch(self, on_change: Callable[[Change], None], on_resync: Callable[[], None]) -> None:
         with self._lock:
@@ -163,6 +174,7 @@ class PostgresStore(TaskStore):
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._caught_up = False
             self._stopping.set()
             watcher, self._watcher = self._watcher, None
             idle, self._idle = self._idle, []
@@ -266,7 +278,8 @@ class PostgresStore(TaskStore):
         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
     def _error(self, what: str, exc: BaseException) -> StoreError:
-        return StoreError(f"PostgreSQL store {self.safe_dsn}: {what}: {self._describe(exc)}")
+        message = f"PostgreSQL store {self.safe_dsn}: {what}: {self._describe(exc)}"
+        return StoreError(message, retry_after=1)
 
     def _describe(self, exc: BaseException) -> str:
         """The exception as one line, without the password."""
@@ -284,7 +297,7 @@ class PostgresStore(TaskStore):
             try:
                 conn = self._connect()
             except StoreError as exc:
-                missed = True
+                missed, self._caught_up = True, False
                 self._first_try.set()
                 log.warning("cannot watch the task store", extra={"error": exc.message, "retry_in": delay})
                 self._stopping.wait(delay)
@@ -301,6 +314,7 @@ class PostgresStore(TaskStore):
                     while not self._stopping.is_set():
                         if missed:  # changes may have gone unheard (or unapplied): rescan until it works
                             missed = not _call(on_resync)
+                        self._caught_up = not missed
                         for notify in conn.notifies(timeout=POLL):
                             change = _parse(notify.payload)
                             if change is not None and not _call(on_change, change):
@@ -308,7 +322,7 @@ class PostgresStore(TaskStore):
             except Exception as exc:  # a lost connection, mostly; never let the watcher die
                 if self._stopping.is_set():
                     break
-                missed = True
+                missed, self._caught_up = True, False
                 log.warning(
                     "lost the task store's notifications, reconnecting",
                     extra={"store": self.safe_dsn, "error": self._describe(exc), "retry_in": delay},

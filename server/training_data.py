@@ -1,0 +1,105 @@
+"""What a training request may hold: labelled examples (JSON or CSV) and training options, checked up front.
+
+Everything a job could fail on that can be seen before it runs is refused here with a 400 naming the
+problem, so a queued job fails only for reasons of the training itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from recast_core.data import LabelledTexts, parse_labelled, require_classes
+from recast_core.errors import DataError
+from server.errors import BadInput
+
+MAX_CLASSES = 256
+MAX_LABEL_CHARS = 200
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, description="the input text")
+    label: str | int = Field(description="its class (strings or integers; integers are used as text)")
+
+
+class TrainingOptions(BaseModel):
+    """Training options (the server's defaults when omitted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(default=5, ge=1, le=50)
+    batch_size: int = Field(default=32, ge=1, le=256)
+    lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the coefficients")
+    head_lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the classifier head")
+    max_length: int = Field(default=64, ge=8, le=512, description="tokens per text")
+    val_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="share held out for validation")
+    patience: int = Field(default=2, ge=1, le=50, description="epochs without improvement before stopping")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    examples: list[Example] = Field(min_length=1, description="labelled examples, at least 2 per class")
+    options: TrainingOptions = Field(default_factory=TrainingOptions)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ())) or 'body'}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()[:10]
+    )
+
+
+def parse_options(values: dict[str, Any]) -> TrainingOptions:
+    try:
+        return TrainingOptions.model_validate(values)
+    except ValidationError as exc:
+        raise BadInput(f"invalid training options: {_problems(exc)}") from None
+
+
+def from_json(body: bytes) -> tuple[LabelledTexts, TrainingOptions]:
+    try:
+        request = TrainRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadInput(f"invalid training request: {_problems(exc)}") from None
+    texts = tuple(e.text for e in request.examples)
+    labels = tuple(str(e.label).strip() for e in request.examples)
+    return LabelledTexts(texts, labels), request.options
+
+
+def from_csv(body: bytes, text_column: str, label_column: str) -> LabelledTexts:
+    try:
+        content = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"the CSV is not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        return parse_labelled(content, "csv", "CSV", text_column, label_column)
+    except DataError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def check_examples(data: LabelledTexts, max_examples: int, max_chars: int) -> None:
+    """Bounded size, bounded text length, 2 to MAX_CLASSES classes with at least 2 examples each."""
+    if len(data) > max_examples:
+        raise BadInput(f"{len(data)} examples; a training job takes at most {max_examples}")
+    for i, (text, label) in enumerate(zip(data.texts, data.labels, strict=True)):
+        if not text.strip():
+            raise BadInput(f"example {i}: empty text")
+        if len(text) > max_chars:
+            raise BadInput(f"example {i}: {len(text)} characters; the limit is {max_chars}")
+        if not label or len(label) > MAX_LABEL_CHARS:
+            raise BadInput(f"example {i}: a label must have 1 to {MAX_LABEL_CHARS} characters")
+    classes = data.classes()
+    if len(classes) > MAX_CLASSES:
+        raise BadInput(f"{len(classes)} classes; a task has at most {MAX_CLASSES}")
+    try:
+        require_classes(data, minimum_per_class=2, source="the examples")
+    except DataError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def options_dict(options: TrainingOptions) -> dict[str, Any]:
+    """The options as recast_core TrainOptions keyword arguments (JSON-safe)."""
+    return json.loads(options.model_dump_json())
