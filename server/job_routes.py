@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from server.errors import UnsupportedMediaType
 from server.jobs import Job
 from server.openapi import error_responses
-from server.routes import _identity, _state, _stored_id
+from server.request_context import app_state, identify, stored_id_of
 from server.training_data import (
     TrainingOptions,
     TrainRequest,
@@ -115,9 +115,9 @@ async def train_task(
     """Train a task from labelled examples in the background (JSON `{"examples", "options"}`, or a CSV
     body with `text` and `label` columns); 202 with the job to follow at `/v1/jobs/{job_id}`. The task is
     published like an upload when the job succeeds."""
-    state = _state(request)
-    identity = _identity(request, authorization, "admin")
-    _stored_id(identity, task_id)
+    state = app_state(request)
+    identity = identify(request, authorization, "admin")
+    stored_id_of(identity, task_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     if content_type == "application/json":
@@ -150,8 +150,8 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobList:
     """The tenant's newest training jobs, newest first."""
-    identity = _identity(request, authorization, "read")
-    runtime, _ = _state(request).require()
+    identity = identify(request, authorization, "read")
+    runtime, _ = app_state(request).require()
     jobs = await run_in_threadpool(runtime.jobs.list, identity.tenant, limit)
     return JobList(jobs=[_view(j) for j in jobs])
 
@@ -165,8 +165,8 @@ async def list_jobs(
 async def get_job(
     job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> JobView:
-    identity = _identity(request, authorization, "read")
-    runtime, _ = _state(request).require()
+    identity = identify(request, authorization, "read")
+    runtime, _ = app_state(request).require()
     return _view(await run_in_threadpool(runtime.jobs.get, identity.tenant, job_id))
 
 
@@ -180,6 +180,6 @@ async def cancel_job(
     job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> JobView:
     """Cancel a queued or running job (409 `job_finished` once it ended)."""
-    identity = _identity(request, authorization, "admin")
-    runtime, _ = _state(request).require()
+    identity = identify(request, authorization, "admin")
+    runtime, _ = app_state(request).require()
     return _view(await run_in_threadpool(runtime.jobs.cancel, identity.tenant, job_id))

@@ -13,12 +13,12 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from server.auth import Identity, Need
 from server.errors import BadInput, NotReady, PayloadTooLarge, StoreError, UnsupportedMediaType
 from server.openapi import error_responses
 from server.predictor import TaskRequest
 from server.registry import TaskEntry
-from server.task_ids import check_task_id, qualify, split_stored_id
+from server.request_context import app_state, identify, stored_id_of
+from server.task_ids import split_stored_id
 
 router = APIRouter()
 ARTIFACT_TYPE = "application/octet-stream"
@@ -69,10 +69,6 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
-def _state(request: Request) -> Any:
-    return request.app.state.recast
-
-
 def _summary(entry: TaskEntry) -> TaskSummary:
     return TaskSummary(
         task_id=split_stored_id(entry.task_id)[1],
@@ -105,18 +101,6 @@ def _if_match(value: str | None) -> int | None:
     return int(text)
 
 
-def _identity(request: Request, authorization: str | None, need: Need) -> Identity:
-    """The caller (tenant, role, key id), also recorded for the access log; raises 401/403/429."""
-    identity: Identity = _state(request).auth.identify(authorization, need)
-    request.state.identity = identity
-    return identity
-
-
-def _stored_id(identity: Identity, task_id: str) -> str:
-    """The id the caller's `task_id` is stored under: tasks are private to their tenant."""
-    return qualify(identity.tenant, check_task_id(task_id))
-
-
 @router.put(
     "/v1/tasks/{task_id}",
     response_model=TaskDetail,
@@ -133,8 +117,8 @@ async def upload_task(
     if_match: Annotated[str | None, Header()] = None,
 ) -> TaskDetail:
     """Upload a task artifact (raw safetensors body, `application/octet-stream`); returns its new version."""
-    state = _state(request)
-    stored_id = _stored_id(_identity(request, authorization, "admin"), task_id)
+    state = app_state(request)
+    stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
     expected = _if_match(if_match)
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if content_type != "application/octet-stream":
@@ -173,8 +157,8 @@ async def list_tasks(
     after: Annotated[str, Query(max_length=128, description="last task id of the previous page")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TaskPage:
-    identity = _identity(request, authorization, "read")
-    runtime, _ = _state(request).require()
+    identity = identify(request, authorization, "read")
+    runtime, _ = app_state(request).require()
     entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1, identity.tenant)
     last = split_stored_id(entries[limit - 1].task_id)[1] if len(entries) > limit else None
     entries = entries[:limit]
@@ -193,8 +177,8 @@ async def get_task(
     response: Response,
     authorization: Annotated[str | None, Header()] = None,
 ) -> TaskDetail:
-    stored_id = _stored_id(_identity(request, authorization, "read"), task_id)
-    runtime, _ = _state(request).require()
+    stored_id = stored_id_of(identify(request, authorization, "read"), task_id)
+    runtime, _ = app_state(request).require()
     entry = runtime.registry.get(stored_id)
     response.headers["ETag"] = f'"{entry.version}"'
     return _detail(entry)
@@ -212,8 +196,8 @@ async def delete_task(
     authorization: Annotated[str | None, Header()] = None,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Deleted:
-    state = _state(request)
-    stored_id = _stored_id(_identity(request, authorization, "admin"), task_id)
+    state = app_state(request)
+    stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
     expected = _if_match(if_match)
     runtime, _ = state.require()
     tombstone = await run_in_threadpool(runtime.catalog.delete, stored_id, if_match=expected)
@@ -233,9 +217,9 @@ async def predict(
     authorization: Annotated[str | None, Header()] = None,
 ) -> PredictResponse:
     """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
-    state = _state(request)
+    state = app_state(request)
     settings = state.settings
-    stored_id = _stored_id(_identity(request, authorization, "predict"), task_id)
+    stored_id = stored_id_of(identify(request, authorization, "predict"), task_id)
     if not 1 <= len(body.inputs) <= settings.max_inputs:
         raise BadInput(f"inputs must hold 1 to {settings.max_inputs} texts, got {len(body.inputs)}")
     for i, text in enumerate(body.inputs):
@@ -263,7 +247,7 @@ async def predict(
 
 @router.get("/v1/backbone", tags=["server"], responses=error_responses(503))
 async def backbone(request: Request) -> dict[str, Any]:
-    runtime, _ = _state(request).require()
+    runtime, _ = app_state(request).require()
     bank = runtime.bank
     return {
         "model": runtime.backbone.name,
@@ -297,7 +281,7 @@ async def readyz(
     resident tasks (uploads and deletes answer 503 `store_unavailable`), so it stays ready with
     `"status": "degraded"`; with `strict=true` it answers 503 `store_unavailable` instead. Taking every
     replica out of a load balancer because a shared database is down would stop predictions as well."""
-    runtime, batcher = _state(request).require()
+    runtime, batcher = app_state(request).require()
     store_ok = runtime.store.healthy
     if not store_ok and strict:
         raise StoreError(
@@ -315,7 +299,7 @@ async def readyz(
 
 @router.get("/metrics", tags=["server"], response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     if state.runtime is not None:
         state.metrics.store_up.set(1 if state.runtime.store.healthy else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -24,8 +24,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(settings: Settings, start_timeout: float = 120.0) -> Iterator[str]:
-    """Start create_app(settings) on 127.0.0.1; yields the base URL; stops the server on exit."""
+def serving(settings: Settings, start_timeout: float = 600.0) -> Iterator[str]:
+    """Start create_app(settings) on 127.0.0.1; yields the base URL; stops the server on exit.
+
+    The first start in a fresh checkout also compiles the CPU kernel (minutes on a busy machine)."""
     port = free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
