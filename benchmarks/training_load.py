@@ -9,7 +9,7 @@ generator in another process. Phases alternate round by round: `idle` (no job) a
 job on TREC questions, `--examples` examples, runs the whole phase; a new one is started if it ends). The
 ratios are p50/p99 latency and throughput of the training phases relative to the idle phases of the same
 run. The job runs in its own process with the server's defaults (RECAST_TRAIN_THREADS=1,
-RECAST_TRAIN_NICE=10).
+RECAST_TRAIN_NICE=10, RECAST_TRAIN_IDLE_PRIORITY=true).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(
         [
             "Predict latency while a training job runs (the job in its own process at the server's defaults:",
-            "one torch thread, nice 10), against the same load with no job, phases interleaved in one run:",
+            "one torch thread, nice 10, Linux SCHED_IDLE), against the same load with no job, phases",
+            "interleaved in one run (medians of the rounds):",
             "",
             f"    {command}",
             "",

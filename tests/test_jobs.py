@@ -15,6 +15,7 @@ from server_harness import serving
 from recast_cli.main import main as recast
 from recast_core.datasets import Splits, load_splits
 from server.catalog import TaskCatalog
+from server.errors import UnknownJob
 from server.jobs import Job, JobManager
 from server.registry import TaskRegistry
 from server.settings import Settings
@@ -211,5 +212,39 @@ def test_unfinished_jobs_of_a_crashed_server_are_marked_failed(tmp_path: Path) -
         states = {r["job_id"][0]: (r["state"], r["error"]) for r in store.list(None, 10)}
         assert states["a"][0] == states["b"][0] == "failed" and "stopped" in str(states["a"][1])
         assert states["c"] == ("succeeded", None)
+    finally:
+        manager.close()
+
+
+def test_postgresql_job_store_is_shared_and_only_stale_jobs_are_failed(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """With PostgreSQL, other replicas' jobs are live while they heartbeat; a silent one is failed."""
+    from datetime import UTC, datetime
+
+    from server.stores.jobs import PostgresJobStore
+
+    store = PostgresJobStore(postgres_dsn, "postgresql://test")
+    fresh = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    stale = "2026-01-01T00:00:00.000Z"
+    records = {
+        "d" * 32: ("team-a", "running", fresh),
+        "e" * 32: ("team-a", "running", stale),
+        "f" * 32: ("team-b", "queued", fresh),
+    }
+    for job_id, (tenant, state, beat) in records.items():
+        job = Job(job_id, tenant, "t", state, beat, beat, "other-replica", 10, ["x", "y"], {})  # type: ignore[arg-type]
+        store.put(job.to_record())
+    assert PostgresJobStore(postgres_dsn, "postgresql://test").get("d" * 32) == store.get("d" * 32)
+    assert store.get("0" * 32) is None and store.get("not-a-job") is None
+    catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(None))  # type: ignore[arg-type]
+    manager = JobManager(store, catalog, tmp_path / "bank", "f" * 64)
+    try:
+        states = {r["job_id"][0]: r["state"] for r in store.list(None, 10)}
+        assert states == {"d": "running", "e": "failed", "f": "queued"}
+        assert [j.job_id[0] for j in manager.list("team-a")] == ["d", "e"]  # newest first
+        assert manager.get("team-b", "f" * 32).state == "queued"
+        with pytest.raises(UnknownJob):
+            manager.get("team-a", "f" * 32)  # another tenant's job is unknown
     finally:
         manager.close()

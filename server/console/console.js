@@ -49,7 +49,7 @@ async function loadTasks() {
     cell(row, task.task_id);
     cell(row, String(task.version));
     cell(row, task.labels.join(", "));
-    cell(row, task.updated);
+    cell(row, task.updated.slice(0, 19).replace("T", " "));
     const remove = document.createElement("button");
     remove.type = "button";
     remove.textContent = "Delete";
