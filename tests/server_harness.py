@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 import uvicorn
@@ -62,3 +64,17 @@ def task_artifact(
         bank_fingerprint=bank.fingerprint,
         training={"seed": seed},
     )
+
+
+def training_settings(bank_dir: Path, store: Path, api_keys: str, **overrides: Any) -> Settings:
+    """Settings whose training jobs use both cores at normal priority: the tests wait for the jobs."""
+    values: dict[str, Any] = {
+        "bank": bank_dir,
+        "store": str(store),
+        "api_keys": api_keys,
+        "threads": 2,
+        "train_threads": 2,
+        "train_nice": 0,
+        "train_idle_priority": False,
+    }
+    return Settings(**(values | overrides))

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import serving, task_artifact
+from server_harness import serving, task_artifact, training_settings
 
 from recast_core.bank import TemplateBank
 from recast_core.datasets import load_splits
-from server.settings import Settings
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -60,15 +59,7 @@ def _csv(path: Path, count: int) -> Path:
 def test_console_creates_a_task_from_a_csv_and_predicts_with_it(
     browser: webdriver.Chrome, bank_dir: Path, default_bank: TemplateBank, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        bank=bank_dir,
-        store=str(tmp_path / "tasks"),
-        api_keys=KEY,
-        threads=2,
-        train_threads=2,
-        train_nice=0,
-        train_idle_priority=False,
-    )
+    settings = training_settings(bank_dir, tmp_path / "tasks", KEY)
     data = _csv(tmp_path / "spam.csv", 240)
     artifact = tmp_path / "topic.safetensors"
     artifact.write_bytes(task_artifact(default_bank, 5, labels=("sports", "science")).to_bytes())

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import serving
+from server_harness import serving, training_settings
 
 from recast_cli.main import main as recast
 from recast_core.datasets import Splits, load_splits
@@ -58,15 +58,7 @@ def _wait(http: httpx.Client, job_id: str, timeout: float = 240.0) -> tuple[dict
 def test_a_job_trains_publishes_and_serves_a_task(
     bank_dir: Path, tmp_path: Path, sms: Splits, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = Settings(
-        bank=bank_dir,
-        store=str(tmp_path / "tasks"),
-        api_keys=KEY,
-        threads=2,
-        train_threads=2,
-        train_nice=0,
-        train_idle_priority=False,
-    )
+    settings = training_settings(bank_dir, tmp_path / "tasks", KEY)
     examples = _examples(sms, 240)
     with serving(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
         created = http.post(
@@ -151,15 +143,7 @@ def test_bad_training_requests_are_refused_up_front(bank_dir: Path, tmp_path: Pa
 def test_cancel_a_running_job_and_jobs_cut_short_by_a_stop_are_failed(
     bank_dir: Path, tmp_path: Path, sms: Splits
 ) -> None:
-    settings = Settings(
-        bank=bank_dir,
-        store=str(tmp_path / "tasks"),
-        api_keys=KEY,
-        threads=2,
-        train_threads=2,
-        train_nice=0,
-        train_idle_priority=False,
-    )
+    settings = training_settings(bank_dir, tmp_path / "tasks", KEY)
     slow = {"epochs": 50, "patience": 50, "max_length": 64, "batch_size": 8}
     examples = _examples(sms, 300)
     with serving(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
