@@ -38,7 +38,8 @@ demo: $(DEMO)/trec.safetensors $(DEMO)/sms_spam.safetensors
 # Main job: the server on the default backbone at 127.0.0.1:8000, with the demo tasks loaded.
 run: system-deps $(BANK)/bank.safetensors demo
 	@echo
-	@echo "Starting the server on http://127.0.0.1:8000 (API docs: http://127.0.0.1:8000/docs). Once the log"
+	@echo "Starting the server on http://127.0.0.1:8000 (web console: http://127.0.0.1:8000/console, API docs:"
+	@echo "http://127.0.0.1:8000/docs). Once the log"
 	@echo "says 'server runtime ready', try from another terminal:"
 	@echo
 	@echo "  curl -s http://127.0.0.1:8000/v1/tasks"
