@@ -306,6 +306,8 @@ class PostgresStore(TaskStore):
             try:
                 with conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    if not missed:  # listening and nothing went unheard: healthy before watch() returns
+                        self._caught_up = True
                     self._first_try.set()
                     delay = BACKOFF_START
                     log.info(
