@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
 
+from kernels.lru import ByteBudgetLRU
 
-class ComposedWeightCache:
+
+def _nbytes(weight: torch.Tensor) -> int:
+    return weight.numel() * weight.element_size()
+
+
+class ComposedWeightCache(ByteBudgetLRU[torch.Tensor]):
     """Composed (out, in) weights keyed by the caller, evicted least-recently-used beyond `max_bytes`.
 
     A key must identify immutable inputs (for example: layer, task id, task version); the cache never
@@ -17,45 +21,14 @@ class ComposedWeightCache:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        super().__init__(max_bytes, _nbytes)
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable, compose: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get_or_compose(self, key: Hashable, compose: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached weight of `key`, composing (and caching, if it fits) on a miss."""
-        with self._lock:
-            weight = self._entries.get(key)
-            if weight is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return weight
-            self.misses += 1
-        weight = compose()
-        size = weight.numel() * weight.element_size()
-        if size > self.max_bytes:
+        weight = self.get(key)
+        if weight is not None:
             return weight
-        with self._lock:
-            if key not in self._entries:
-                self._entries[key] = weight
-                self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
+        self.note_miss()
+        weight = compose()
+        self.put(key, weight)
         return weight
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +33,7 @@ from recast_core.errors import (
     FingerprintMismatch,
     LabelCountMismatch,
 )
+from recast_core.files import write_atomic
 
 SCHEMA_VERSION = 1
 KEYS = ("coefficients", "head.bias", "head.weight")
@@ -108,16 +107,7 @@ class TaskArtifact:
         """Write atomically (temp file in the same directory, fsync, rename); returns the byte count."""
         data = self.to_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, data)
         return len(data)
 
 

@@ -400,7 +400,6 @@ class JobManager:
     def _count(self, state: str) -> None:
         if self.metrics is not None:
             self.metrics.jobs.labels(state=state).inc()
-            self.metrics.jobs_queued.set(len(self._queue))
 
     @staticmethod
     def _fields(job: Job) -> dict[str, Any]:

@@ -20,16 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from recast_core.files import write_atomic
 from server.task_ids import DEFAULT_TENANT, TENANT
 
 log = logging.getLogger(__name__)
@@ -107,17 +106,7 @@ def write_keys_file(path: Path, records: list[KeyRecord]) -> None:
     body = json.dumps(
         {"keys": [{k: v for k, v in asdict(r).items() if v is not None} for r in records]}, indent=2
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(body + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (body + "\n").encode())
 
 
 def create_key(
@@ -181,9 +170,6 @@ class KeyRing:
     def enabled(self) -> bool:
         """Whether any key was ever configured (an empty keys file still turns authentication on)."""
         return bool(self._env) or self.keys_file is not None
-
-    def __len__(self) -> int:
-        return len(self._by_digest)
 
     def lookup(self, key: str) -> KeyRecord | None:
         self._refresh()

@@ -130,7 +130,7 @@ class TaskRegistry:
 
     def head(self, entry: TaskEntry) -> Head:
         """The entry's classifier head (cached, or read back from the store; raises Superseded)."""
-        return self.heads.get(entry)
+        return self.heads.head(entry)
 
     def resolve(self, task_id: str) -> tuple[TaskEntry, Head]:
         """The task's current entry with its head; a version replaced while loading yields the newer one."""

@@ -301,5 +301,7 @@ async def readyz(
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     if state.runtime is not None:
+        # gauges of state owned elsewhere, read when scraped
         state.metrics.store_up.set(1 if state.runtime.store.healthy else 0)
+        state.metrics.jobs_queued.set(state.runtime.jobs.queued)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -27,10 +27,6 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
-def is_task_id(name: str) -> bool:
-    return TASK_ID.fullmatch(name) is not None
-
-
 def check_tenant(tenant: str) -> str:
     if not TENANT.fullmatch(tenant):
         raise BadInput(f"tenant {tenant[:80]!r} must match [a-z0-9][a-z0-9-]{{0,62}}")

@@ -6,7 +6,6 @@ problem, so a queued job fails only for reasons of the training itself.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,4 +101,4 @@ def check_examples(data: LabelledTexts, max_examples: int, max_chars: int) -> No
 
 def options_dict(options: TrainingOptions) -> dict[str, Any]:
     """The options as recast_core TrainOptions keyword arguments (JSON-safe)."""
-    return json.loads(options.model_dump_json())
+    return options.model_dump()

@@ -15,12 +15,12 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from recast_core.files import write_atomic
 from server.errors import StoreError, UnknownTask, VersionConflict
 from server.stores.base import StoredTask, TaskStore
 from server.task_ids import check_stored_id, is_stored_id, split_stored_id
@@ -139,16 +139,7 @@ class DirectoryStore(TaskStore):
         target = directory / f"{version:012d}{suffix}"
         try:
             directory.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_atomic(target, data)
             _fsync_dir(directory)
             _fsync_dir(self.root)
         except OSError as exc:

@@ -10,13 +10,12 @@ A job record is a small JSON object (server/jobs.py `Job`); stores keep the newe
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from recast_core.files import write_atomic
 from server.errors import StoreError
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -58,16 +57,7 @@ class DirectoryJobStore(JobStore):
         if not JOB_ID.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{job_id}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(record, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.root / f"{job_id}.json")
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.root / f"{job_id}.json", json.dumps(record).encode())
         except OSError as exc:
             raise StoreError(f"cannot write job {job_id} to {self.root}: {exc}") from None
 
