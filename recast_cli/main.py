@@ -185,7 +185,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.bank is None or args.task is None:
         raise UsageError("predict offline needs --bank and --task (or --task-id to ask a server)")
     backbone, bank = _load(args)
-    artifact = read_artifact(args.task, artifact_spec(bank, backbone.hidden_size))
+    artifact = read_artifact(
+        args.task, artifact_spec(bank, backbone.hidden_size, None, backbone.embedding_bound())
+    )
     model = TextTaskModel.from_artifact(backbone, bank, artifact)
     for text, pred in zip(args.texts, model.predict(args.texts), strict=True):
         print(json.dumps({"text": text, "label": pred.label, "scores": pred.scores}))

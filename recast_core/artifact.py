@@ -2,16 +2,22 @@
 
 Tensors: `coefficients` (M, n) float32 (the K sets collapsed), `head.weight` (C, H), `head.bias` (C,).
 Metadata (all strings): `schema_version`, `bank_fingerprint`, `labels` (JSON list of C strings),
-`created` (ISO 8601 UTC), `training` (JSON object).
+`created` (ISO 8601 UTC), `training` (JSON object), `tensor_sha256` (hex sha256 of the tensor data, the
+bytes after the header; schema 2 on; schema 1 artifacts, written before it existed, still load).
 
 Loading parses the header itself before any tensor is materialised, so truncated files, huge headers
-and bad offsets fail fast with a typed error.
+and bad offsets fail fast with a typed error. Metadata JSON is parsed with bounded numbers (no integer of
+more than MAX_NUMBER_DIGITS digits, no NaN or Infinity). Values are bounded so that no logit can overflow:
+|coefficient| <= MAX_ABS_COEFFICIENT, and with the backbone's embedding bound E (|embedding_j| <= E),
+E * sum_j |head.weight[c, j]| + |head.bias[c]| <= MAX_LOGIT for every class c.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from recast_core.errors import (
+    ArtifactChecksumMismatch,
     ArtifactCorrupt,
     ArtifactDtypeError,
     ArtifactKeyError,
@@ -30,14 +37,23 @@ from recast_core.errors import (
     ArtifactNonFinite,
     ArtifactShapeError,
     ArtifactTooLarge,
+    ArtifactValueError,
     FingerprintMismatch,
     LabelCountMismatch,
 )
 from recast_core.files import write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = ("1", "2")  # 1: before tensor_sha256
 KEYS = ("coefficients", "head.bias", "head.weight")
 METADATA_KEYS = ("bank_fingerprint", "created", "labels", "schema_version", "training")
+CHECKSUM_KEY = "tensor_sha256"
+MAX_CREATED_CHARS = 64
+MAX_NUMBER_DIGITS = 64  # digits of a number in the metadata JSON (Python refuses ints over 4,300)
+MAX_ABS_COEFFICIENT = 1e3  # trained coefficients are O(1): this keeps every activation finite in fp32/bf16
+MAX_LOGIT = 1e30  # far below float32's 3.4e38: logits stay finite however the head is computed
+MAX_ABS_HEAD_VALUE = 1e12  # without a known embedding bound, head values are bounded one by one
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_MAX_BYTES = 1 << 20
 MAX_HEADER_BYTES = 64 << 10
 MAX_LABELS = 4096
@@ -66,6 +82,8 @@ class ArtifactSpec:
     num_templates: int
     hidden_size: int
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: |embedding_j| <= embedding_bound for every embedding the backbone can produce (None: unknown)
+    embedding_bound: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +113,13 @@ class TaskArtifact:
             "head.bias": self.head_bias.detach().to(torch.float32).contiguous(),
         }
         metadata = {
-            "schema_version": str(self.schema_version),
+            "schema_version": str(SCHEMA_VERSION),
             "bank_fingerprint": self.bank_fingerprint,
             "labels": json.dumps(list(self.labels)),
             "created": self.created,
             "training": json.dumps(self.training, sort_keys=True),
         }
-        return serialize(tensors, metadata)
+        return serialize(tensors, metadata, checksum=True)
 
     def save(self, path: Path) -> int:
         """Write atomically (temp file in the same directory, fsync, rename); returns the byte count."""
@@ -111,8 +129,10 @@ class TaskArtifact:
         return len(data)
 
 
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Byte-deterministic safetensors: sorted keys, data laid out in key order, header padded to 8 bytes."""
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, checksum: bool = False) -> bytes:
+    """Byte-deterministic safetensors: sorted keys, data laid out in key order, header padded to 8 bytes.
+
+    checksum: record the sha256 of the tensor data in the metadata (`tensor_sha256`)."""
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     chunks: list[bytes] = []
     offset = 0
@@ -127,6 +147,11 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
         }
         chunks.append(data)
         offset += len(data)
+    if checksum:
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+        header["__metadata__"] = dict(sorted((metadata | {CHECKSUM_KEY: digest.hexdigest()}).items()))
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
@@ -142,6 +167,7 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     data = _read_bounded(source, max_bytes)
     header = _parse_header(data)
     metadata = header.pop("__metadata__", None)
+    _verify_checksum(data, metadata)
     keys = sorted(header)
     if keys != sorted(KEYS):
         missing = sorted(set(KEYS) - set(keys))
@@ -193,19 +219,65 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error type for any inconsistency
         raise ArtifactCorrupt(f"tensor data is unreadable: {exc}") from exc
-    if _all_finite(tensors):  # the common case in one pass; otherwise name the tensor and the count
-        return _artifact(tensors, labels, fingerprint, training, created, version)
-    for key in KEYS:
-        if not bool(torch.isfinite(tensors[key]).all()):
-            bad = int((~torch.isfinite(tensors[key])).sum())
-            raise ArtifactNonFinite(
-                f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad
-            )
+    if not _all_finite(tensors):  # the common case in one pass; otherwise name the tensor and the count
+        for key in KEYS:
+            if not bool(torch.isfinite(tensors[key]).all()):
+                bad = int((~torch.isfinite(tensors[key])).sum())
+                raise ArtifactNonFinite(
+                    f"tensor {key!r} holds {bad} NaN/Inf values", expected="all finite", found=bad
+                )
+    _check_values(tensors, spec.embedding_bound if spec is not None else None)
     return _artifact(tensors, labels, fingerprint, training, created, version)
 
 
 def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(np.isfinite(tensors[key].numpy()).all()) for key in KEYS)
+
+
+def _check_values(tensors: dict[str, torch.Tensor], embedding_bound: float | None) -> None:
+    """Finite values small enough that no activation or logit can overflow (ArtifactValueError)."""
+    coefficients = tensors["coefficients"].numpy()
+    if coefficients.size and (largest := float(np.abs(coefficients).max())) > MAX_ABS_COEFFICIENT:
+        raise ArtifactValueError(
+            "a coefficient is too large to serve",
+            expected=f"|coefficient| <= {MAX_ABS_COEFFICIENT:g}",
+            found=f"{largest:.3g}",
+        )
+    weight = np.abs(tensors["head.weight"].numpy().astype(np.float64))
+    bias = np.abs(tensors["head.bias"].numpy().astype(np.float64))
+    if embedding_bound is None:
+        largest = max(float(weight.max(initial=0.0)), float(bias.max(initial=0.0)))
+        if largest > MAX_ABS_HEAD_VALUE:
+            raise ArtifactValueError(
+                "a head value is too large to serve",
+                expected=f"|value| <= {MAX_ABS_HEAD_VALUE:g}",
+                found=f"{largest:.3g}",
+            )
+        return
+    logits = embedding_bound * weight.sum(axis=1) + bias  # (C,): the largest |logit| of each class
+    if logits.size and (worst := float(logits.max())) > MAX_LOGIT:
+        raise ArtifactValueError(
+            f"the head can produce logits of up to {worst:.3g} (class {int(logits.argmax())})",
+            expected=f"|logit| <= {MAX_LOGIT:g}",
+            found=f"{worst:.3g}",
+        )
+
+
+def _verify_checksum(data: bytes, metadata: object) -> None:
+    """The tensor data hashes to the metadata's `tensor_sha256` (when the metadata has one)."""
+    if not isinstance(metadata, dict) or CHECKSUM_KEY not in metadata:
+        return  # schema 1 (no checksum), or no metadata at all: _parse_metadata names the problem
+    recorded = metadata[CHECKSUM_KEY]
+    if not isinstance(recorded, str) or not _HEX64.fullmatch(recorded):
+        raise ArtifactMetadataError(
+            f"metadata {CHECKSUM_KEY!r} must be a sha256 hex digest", expected="64 hex digits", found=recorded
+        )
+    (header_len,) = struct.unpack("<Q", data[:8])
+    actual = hashlib.sha256(memoryview(data)[8 + header_len :]).hexdigest()
+    if actual != recorded:
+        raise ArtifactChecksumMismatch(
+            "the tensor data does not match its recorded sha256 (corrupted?)", expected=recorded, found=actual
+        )
 
 
 def _artifact(
@@ -305,46 +377,106 @@ def _parse_metadata(metadata: object) -> tuple[tuple[str, ...], str, dict[str, A
         raise ArtifactMetadataError(
             f"metadata keys missing: {missing}", expected=list(METADATA_KEYS), found=sorted(metadata)
         )
-    if metadata["schema_version"] != str(SCHEMA_VERSION):
+    for key in sorted(metadata):
+        if not isinstance(metadata[key], str):
+            raise ArtifactMetadataError(
+                f"metadata {key!r} must be a string", expected="string", found=type(metadata[key]).__name__
+            )
+    version = metadata["schema_version"]
+    if version not in READABLE_SCHEMAS:
         raise ArtifactMetadataError(
-            "unsupported schema version", expected=str(SCHEMA_VERSION), found=metadata["schema_version"]
+            "metadata 'schema_version' is not supported",
+            expected=" or ".join(READABLE_SCHEMAS),
+            found=version,
         )
-    try:
-        labels = json.loads(metadata["labels"])
-        training = json.loads(metadata["training"])
-    except (TypeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ArtifactMetadataError(f"labels or training is not valid JSON: {exc}") from exc
+    if version != "1" and CHECKSUM_KEY not in metadata:
+        raise ArtifactMetadataError(
+            f"metadata {CHECKSUM_KEY!r} is missing (required from schema 2 on)", expected="64 hex digits"
+        )
+    labels = _metadata_json(metadata, "labels")
+    training = _metadata_json(metadata, "training")
     if not isinstance(labels, list) or not all(
         isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels
     ):
         raise ArtifactMetadataError(
-            "labels must be a JSON list of non-empty strings",
+            "metadata 'labels' must be a JSON list of non-empty strings",
             expected="list[str]",
             found=type(labels).__name__,
         )
     if not 2 <= len(labels) <= MAX_LABELS or len(set(labels)) != len(labels):
         raise ArtifactMetadataError(
-            "labels must be 2 to 4096 distinct strings", expected="2..4096 distinct", found=len(labels)
+            "metadata 'labels' must be 2 to 4096 distinct strings",
+            expected="2..4096 distinct",
+            found=len(labels),
         )
     if not isinstance(training, dict):
         raise ArtifactMetadataError(
-            "training must be a JSON object", expected="object", found=type(training).__name__
+            "metadata 'training' must be a JSON object", expected="object", found=type(training).__name__
         )
     if (depth := _nesting(training)) > MAX_TRAINING_DEPTH:
         raise ArtifactMetadataError(
-            "training is nested too deeply", expected=f"<= {MAX_TRAINING_DEPTH} levels", found=depth
+            "metadata 'training' is nested too deeply",
+            expected=f"<= {MAX_TRAINING_DEPTH} levels",
+            found=depth,
         )
     fingerprint = metadata["bank_fingerprint"]
-    if not isinstance(fingerprint, str) or len(fingerprint) != 64:
+    if not _HEX64.fullmatch(fingerprint):
         raise ArtifactMetadataError(
-            "bank_fingerprint must be a sha256 hex digest", expected=64, found=fingerprint
+            "metadata 'bank_fingerprint' must be a sha256 hex digest",
+            expected="64 hex digits",
+            found=fingerprint[:80],
         )
-    created = str(metadata["created"])
+    created = metadata["created"]
+    if len(created) > MAX_CREATED_CHARS or not _is_timestamp(created):
+        raise ArtifactMetadataError(
+            "metadata 'created' must be an ISO 8601 timestamp",
+            expected=f"e.g. 2026-01-31T12:00:00+00:00, at most {MAX_CREATED_CHARS} characters",
+            found=f"{len(created)} characters" if len(created) > MAX_CREATED_CHARS else repr(created),
+        )
     try:  # all of it is served back as JSON: no string may hold a lone surrogate (JSON's \ud800 escapes)
-        json.dumps([labels, training, created, fingerprint], ensure_ascii=False).encode("utf-8")
+        json.dumps([labels, training], ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, RecursionError) as exc:
-        raise ArtifactMetadataError(f"labels, training or created is not valid Unicode text: {exc}") from exc
-    return tuple(labels), fingerprint, training, created, SCHEMA_VERSION
+        raise ArtifactMetadataError(
+            f"metadata 'labels' or 'training' is not valid Unicode text: {exc}"
+        ) from exc
+    return tuple(labels), fingerprint, training, created, int(version)
+
+
+def _metadata_json(metadata: dict[str, str], key: str) -> Any:
+    """The metadata field `key` parsed as JSON with bounded numbers; ArtifactMetadataError names the field."""
+    try:
+        return json.loads(
+            metadata[key], parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant
+        )
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; Recursion: too deep
+        raise ArtifactMetadataError(f"metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number of {len(text)} digits (at most {MAX_NUMBER_DIGITS})")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number of {len(text)} characters (at most {MAX_NUMBER_DIGITS})")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} does not fit a double")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _is_timestamp(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _nesting(value: object) -> int:

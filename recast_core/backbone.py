@@ -3,6 +3,7 @@ fully offline, with attention-masked mean pooling as the sentence embedding."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,18 @@ class TextBackbone:
             list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def embedding_bound(self) -> float | None:
+        """A bound E with |embedding_j| <= E for any input and any adapted weights, or None if unknown.
+
+        The last hidden state leaves the encoder's last LayerNorm: each normalised component lies within
+        sqrt(H - 1) of zero, so |y_j| <= sqrt(H - 1) * max|gamma| + max|beta|; the mean pool keeps it."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.LayerNorm)]
+        if not norms or norms[-1].weight is None:
+            return None
+        last = norms[-1]
+        beta = float(last.bias.abs().max()) if last.bias is not None else 0.0
+        return math.sqrt(max(1, self.hidden_size - 1)) * float(last.weight.abs().max()) + beta
 
     @torch.no_grad()
     def embed(

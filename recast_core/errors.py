@@ -84,3 +84,15 @@ class FingerprintMismatch(ArtifactError):
 
 class LabelCountMismatch(ArtifactError):
     error_type = "label_count_mismatch"
+
+
+class ArtifactValueError(ArtifactError):
+    """Finite values too large to serve: logits could overflow in the serving dtype."""
+
+    error_type = "artifact_values"
+
+
+class ArtifactChecksumMismatch(ArtifactError):
+    """The tensor bytes do not hash to the sha256 the metadata records (corrupted in transit or at rest)."""
+
+    error_type = "artifact_checksum"

@@ -10,19 +10,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import DEFAULT_MAX_BYTES, ArtifactSpec, TaskArtifact
 from recast_core.backbone import DEFAULT_MAX_LENGTH, SentenceEncoder, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.reparam import Reparameterized, reparameterize
 
 
-def artifact_spec(bank: TemplateBank, hidden_size: int, max_bytes: int | None = None) -> ArtifactSpec:
-    """What `bank` (on a backbone with `hidden_size`) expects of a task artifact."""
-    spec = ArtifactSpec(bank.fingerprint, bank.num_slots, bank.num_templates, hidden_size)
-    return (
-        spec
-        if max_bytes is None
-        else ArtifactSpec(spec.bank_fingerprint, spec.num_slots, spec.num_templates, hidden_size, max_bytes)
+def artifact_spec(
+    bank: TemplateBank,
+    hidden_size: int,
+    max_bytes: int | None = None,
+    embedding_bound: float | None = None,
+) -> ArtifactSpec:
+    """What `bank` (on a backbone with `hidden_size`, embeddings within `embedding_bound`) expects of a
+    task artifact."""
+    return ArtifactSpec(
+        bank.fingerprint,
+        bank.num_slots,
+        bank.num_templates,
+        hidden_size,
+        max_bytes if max_bytes is not None else DEFAULT_MAX_BYTES,
+        embedding_bound,
     )
 
 

@@ -111,6 +111,12 @@ class NotReady(ServerError):
     error_type, status = "not_ready", 503
 
 
+class TaskUnavailable(ServerError):
+    """The task exists but cannot be served now (e.g. its stored artifact is corrupt at rest)."""
+
+    error_type, status = "task_unavailable", 503
+
+
 class StoreError(ServerError):
     """The durable store failed; nothing was changed."""
 

@@ -116,7 +116,7 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     metrics.kernel.info({"path": kernels.path.value, "detail": kernels.detail})
     predictor = Predictor(backbone, bank, kernels, max_length=settings.max_length)
     registry = TaskRegistry(
-        artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes),
+        artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes, backbone.embedding_bound()),
         HeadCache(settings.head_cache_bytes),
     )
     store = open_store(settings.store)

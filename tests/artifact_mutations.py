@@ -7,6 +7,7 @@ dtypes, non-objects) and the raw bytes (bit flips, truncation, header length fie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -18,7 +19,7 @@ from hypothesis import note
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
-from recast_core.artifact import KEYS, TaskArtifact
+from recast_core.artifact import CHECKSUM_KEY, KEYS, TaskArtifact
 
 MAX_UPLOAD = 64 << 10  # bytes: the "oversize" change goes past it
 NUMPY_DTYPES = (np.float16, np.float64, np.int64, np.int32, np.int8, np.uint8, np.bool_)
@@ -74,7 +75,7 @@ label_lists = st.one_of(
     st.lists(json_values, min_size=2, max_size=4),
 )
 METADATA_VALUES: dict[str, st.SearchStrategy[str]] = {
-    "schema_version": st.sampled_from(["0", "2", "1.0", " 1", "", "01", "1\n"]) | plain_text,
+    "schema_version": st.sampled_from(["0", "3", "1.0", " 1", "", "01", "1\n"]) | plain_text,
     "bank_fingerprint": st.one_of(
         st.text("0123456789abcdef", min_size=64, max_size=64),
         st.text("0123456789abcdef", max_size=80),
@@ -95,7 +96,7 @@ METADATA_VALUES: dict[str, st.SearchStrategy[str]] = {
 @st.composite
 def tensor_change(draw: st.DrawFn, base: Base, sample: Sample) -> None:
     key = draw(st.sampled_from([*KEYS, "extra"]))
-    kind = draw(st.sampled_from(["shape", "dtype", "non_finite", "drop", "add"]))
+    kind = draw(st.sampled_from(["shape", "dtype", "non_finite", "huge", "drop", "add"]))
     tensors = base.tensors
     if kind == "drop":
         tensors.pop(key, None)
@@ -113,6 +114,10 @@ def tensor_change(draw: st.DrawFn, base: Base, sample: Sample) -> None:
         flat = tensors[key].reshape(-1).copy()
         for index in draw(st.lists(st.integers(0, flat.size - 1), min_size=1, max_size=3)):
             flat[index] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        tensors[key] = flat.reshape(tensors[key].shape)
+    elif kind == "huge" and tensors[key].dtype == np.float32 and tensors[key].size:
+        flat = tensors[key].reshape(-1).copy()  # finite, but too large to serve (logits would overflow)
+        flat[draw(st.integers(0, flat.size - 1))] = draw(st.sampled_from([1e20, -3e38, 2e3, 1e12]))
         tensors[key] = flat.reshape(tensors[key].shape)
     elif kind == "add":
         tensors[f"{key}.copy"] = tensors[key]
@@ -217,6 +222,11 @@ def corrupt_artifacts(draw: st.DrawFn, artifact: TaskArtifact) -> Sample:
     for _ in range(draw(st.integers(1, len(layers))) if "metadata" in layers else 0):
         draw(metadata_change(base, sample))
     data = st_save(base.tensors, metadata=base.metadata)
+    if "tensor" in layers and CHECKSUM_KEY in base.metadata and draw(st.integers(0, 7)) > 0:
+        # mostly a consistent checksum, so that the checks behind it are reached; sometimes a stale one
+        (length,) = struct.unpack("<Q", data[:8])
+        base.metadata[CHECKSUM_KEY] = hashlib.sha256(data[8 + length :]).hexdigest()
+        data = st_save(base.tensors, metadata=base.metadata)
     if "header" in layers:
         data = draw(header_change(data, sample))
     if "bytes" in layers:

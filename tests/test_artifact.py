@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.errors import (
+    ArtifactChecksumMismatch,
     ArtifactCorrupt,
     ArtifactDtypeError,
     ArtifactError,
@@ -20,6 +22,7 @@ from recast_core.errors import (
     ArtifactNonFinite,
     ArtifactShapeError,
     ArtifactTooLarge,
+    ArtifactValueError,
     FingerprintMismatch,
     LabelCountMismatch,
 )
@@ -154,3 +157,88 @@ def test_oversize_file_is_refused_before_reading(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * (SPEC.max_bytes + 1))
     with pytest.raises(ArtifactTooLarge):
         read_artifact(path, SPEC)
+
+
+BOUNDED_SPEC = ArtifactSpec(FP, 24, 2, 384, embedding_bound=15.6)
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    (length,) = struct.unpack("<Q", data[:8])
+    metadata: dict[str, str] = json.loads(data[8 : 8 + length])["__metadata__"]
+    return metadata
+
+
+def test_written_artifacts_carry_a_checksum_of_their_tensor_data() -> None:
+    data = _artifact().to_bytes()
+    metadata = _metadata_of(data)
+    assert metadata["schema_version"] == "2"
+    (length,) = struct.unpack("<Q", data[:8])
+    assert metadata["tensor_sha256"] == hashlib.sha256(data[8 + length :]).hexdigest()
+    assert read_artifact(data, BOUNDED_SPEC).labels == LABELS
+
+
+def test_a_bit_flip_in_the_tensor_data_is_refused() -> None:
+    data = bytearray(_artifact().to_bytes())
+    data[-5] ^= 0x04  # inside head.weight: still a finite float32, so only the checksum can tell
+    with pytest.raises(ArtifactChecksumMismatch) as info:
+        read_artifact(bytes(data), BOUNDED_SPEC)
+    assert info.value.error_type == "artifact_checksum"
+
+
+def test_schema_1_artifacts_without_a_checksum_still_load() -> None:
+    loaded = read_artifact(_raw(), BOUNDED_SPEC)
+    assert loaded.schema_version == 1 and loaded.labels == LABELS
+
+
+def test_schema_2_requires_the_checksum() -> None:
+    with pytest.raises(ArtifactMetadataError, match="tensor_sha256"):
+        read_artifact(_raw(schema_version="2"), BOUNDED_SPEC)
+
+
+HOSTILE_METADATA = [
+    ("huge integer", {"training": '{"n": ' + "9" * 5000 + "}"}, "'training'"),
+    ("huge integer in labels", {"labels": "[" + "1" * 4400 + "]"}, "'labels'"),
+    ("NaN constant", {"training": '{"x": NaN}'}, "'training'"),
+    ("float overflow", {"training": '{"x": 1e999}'}, "'training'"),
+    ("50 KB created", {"created": "2026-01-01T00:00:00" + "0" * 50_000}, "'created'"),
+    ("created not a time", {"created": "yesterday"}, "'created'"),
+    ("fingerprint not hex", {"bank_fingerprint": "zz" * 32}, "'bank_fingerprint'"),
+]
+
+
+@pytest.mark.parametrize(("case", "meta", "field"), HOSTILE_METADATA, ids=[c[0] for c in HOSTILE_METADATA])
+def test_hostile_metadata_is_a_typed_error_naming_the_field(
+    case: str, meta: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ArtifactMetadataError) as info:
+        read_artifact(_raw(**meta), ArtifactSpec(FP, 24, 2, 384, max_bytes=1 << 20))
+    assert field in str(info.value)
+
+
+def test_a_numeric_schema_version_says_it_must_be_a_string() -> None:
+    art = _artifact()
+    tensors = {"coefficients": art.coefficients, "head.weight": art.head_weight, "head.bias": art.head_bias}
+    data = bytearray(_raw(tensors))
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["schema_version"] = 1  # a JSON number: safetensors' own writer cannot make this
+    encoded = json.dumps(header).encode()
+    raw = struct.pack("<Q", len(encoded)) + encoded + bytes(data[8 + length :])
+    with pytest.raises(ArtifactMetadataError) as info:
+        read_artifact(raw, SPEC)
+    assert "'schema_version' must be a string" in str(info.value)
+    assert "found int" in str(info.value)
+
+
+def test_finite_but_huge_values_are_refused() -> None:
+    head = _artifact().head_weight.clone()
+    head[1, 7] = 3e38
+    with pytest.raises(ArtifactValueError, match="logits"):
+        read_artifact(_raw(_tensors(head_weight=head)), BOUNDED_SPEC)
+    with pytest.raises(ArtifactValueError, match="head value"):  # no embedding bound known: per value
+        read_artifact(_raw(_tensors(head_weight=head)), SPEC)
+    coefficients = _artifact().coefficients.clone()
+    coefficients[0, 0] = 1e20
+    with pytest.raises(ArtifactValueError, match="coefficient"):
+        read_artifact(_raw(_tensors(coefficients=coefficients)), BOUNDED_SPEC)
+    assert read_artifact(_raw(), BOUNDED_SPEC).labels == LABELS  # ordinary trained values pass

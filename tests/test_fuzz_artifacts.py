@@ -139,6 +139,8 @@ def test_the_parser_outcomes_cover_every_check() -> None:
         "artifact_shape",
         "artifact_dtype",
         "artifact_non_finite",
+        "artifact_values",
+        "artifact_checksum",
     }
     expected |= {"artifact_metadata", "fingerprint_mismatch", "label_count_mismatch", "artifact_too_large"}
     assert expected <= set(UNIT_OUTCOMES), expected - set(UNIT_OUTCOMES)
