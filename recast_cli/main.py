@@ -240,15 +240,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"bad setting: {problems}") from None
     except KeysFileError as exc:
         raise UsageError(str(exc)) from None
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
-    server = uvicorn.Server(config)
+    from server.http_protocol import server_config
+
+    server = uvicorn.Server(server_config(app, settings))
     server.run()
     if not server.started:
         raise UsageError("the server did not start (the reason is in the log above)")

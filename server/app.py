@@ -23,7 +23,15 @@ from starlette.routing import Match
 from server.auth import Authenticator
 from server.batcher import Batcher
 from server.console_routes import install as install_console
-from server.errors import BadInput, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServerError
+from server.errors import (
+    ArtifactRejected,
+    BadInput,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServerError,
+)
 from server.job_routes import router as job_router
 from server.keys import KeyRing
 from server.limits import BodyLimit
@@ -35,6 +43,7 @@ from server.runtime import Runtime, start_runtime
 from server.settings import Settings
 
 log = logging.getLogger("server.app")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # others: "other"
 access = logging.getLogger("server.access")
 
 
@@ -47,6 +56,7 @@ class AppState:
             KeyRing(settings.keys, settings.keys_file),
             RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
             settings.predict_requires_key,
+            (settings.anonymous_rate_limit_per_s, settings.anonymous_rate_limit_burst),
         )
         self.runtime: Runtime | None = None
         self.batcher: Batcher | None = None
@@ -93,13 +103,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.recast = state
+    app.router.redirect_slashes = False  # a redirect would echo the Host header; /v1/tasks/ is a typed 404
     app.include_router(router)
     app.include_router(job_router)
     install_console(app)
     install_openapi(app)
     _install_error_handlers(app)
-    _install_request_middleware(app, state.metrics)
+    # the body limit inside the request middleware: its 413s get a request id, a metric and a log line
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    _install_request_middleware(app, state.metrics)
     return app
 
 
@@ -139,9 +151,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             response = _error_response(not_allowed)
             response.headers["Allow"] = _allowed_methods(request)  # RFC 9110: a 405 names what is allowed
             return response
-        error = ServerError(str(exc.detail))
-        error.status, error.error_type = exc.status_code, "http_error"
-        return _error_response(error)
+        return _error_response(_typed(exc.status_code, str(exc.detail)))
 
     app.add_exception_handler(ServerError, server_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -166,16 +176,17 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
                 log.exception("unhandled error", extra={"request_id": request_id, "path": request.url.path})
                 response = _error_response(ServerError("internal error; see the server log"), request_id)
         seconds = time.perf_counter() - start
-        endpoint = _endpoint(request)
+        endpoint = _endpoint(request, response.status_code)
+        method = request.method if request.method in METHODS else "other"
         response.headers["X-Request-ID"] = request_id
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint, request.method).observe(seconds)
+        metrics.requests.labels(endpoint, method, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint, method).observe(seconds)
         if endpoint not in ("/metrics", "/healthz", "/readyz"):
             fields: dict[str, Any] = {
                 "request_id": request_id,
-                "method": request.method,
+                "method": request.method[:16],
                 "endpoint": endpoint,
-                "path": request.url.path,
+                "path": request.url.path[:256],
                 "status": response.status_code,
                 "ms": round(seconds * 1000, 2),
             }
@@ -184,6 +195,20 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
                 fields["tenant"], fields["key_id"] = identity.tenant, identity.key_id
             access.info("request", extra=fields)
         return response
+
+
+def _typed(status: int, message: str) -> ServerError:
+    """An error of the closed vocabulary for an HTTP status raised by the framework: the type with that
+    status if there is exactly one, else bad_input for a 4xx and internal_error otherwise."""
+    found, pending = [], list(ServerError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.status == status and cls is not ArtifactRejected:
+            found.append(cls)
+    if len(found) == 1:
+        return found[0](message)
+    return BadInput(message) if 400 <= status < 500 else ServerError(message)
 
 
 def _allowed_methods(request: Request) -> str:
@@ -196,10 +221,14 @@ def _allowed_methods(request: Request) -> str:
     )
 
 
-def _endpoint(request: Request) -> str:
-    """The matched route's template (`/v1/tasks/{task_id}`), so metrics get no series per task id."""
+def _endpoint(request: Request, status: int) -> str:
+    """The matched route's template (`/v1/tasks/{task_id}`), so metrics get no series per task id; for
+    no route, `not_found` (or `method_not_allowed`): label values come from a closed set only."""
     route = request.scope.get("route")
-    return str(getattr(route, "path", "unmatched"))
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    return "method_not_allowed" if status == 405 else "not_found"
 
 
 def _server_error_in(exc: BaseException) -> ServerError | None:

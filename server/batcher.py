@@ -1,11 +1,23 @@
-"""Cross-task dynamic batching: requests of any tasks wait briefly, then run together in one forward.
+"""Cross-task dynamic batching: requests of any tasks and tenants wait briefly, then run in one forward.
 
-    submit(entry, texts) -> outputs          (awaited by the request handler)
+    outputs = await batcher.submit(request)      (awaited by the request handler)
 
 A batch closes when it holds `max_batch_texts` texts or its oldest request has waited `max_wait` seconds.
-One forward runs at a time, in a worker thread, while the next batch fills. The queue is bounded in texts:
-beyond `max_queue_texts` a request is refused at once with Overloaded (429, Retry-After), never parked.
-A request whose client went away before its batch ran is dropped; once running, its result is discarded.
+One forward runs at a time, in a worker thread, while the next batch fills.
+
+Fair sharing between tenants:
+- Admission: a tenant may hold at most its fair share of the queue, `max_queue_texts / (tenants
+  waiting, itself included)`, so a tenant that floods leaves room for the others; a request beyond it is
+  refused at once with Overloaded (429, Retry-After), never parked. The whole queue is capped at twice
+  `max_queue_texts` (the shares shrink as tenants arrive, while texts already admitted stay queued).
+- Batch filling: round-robin over the tenants waiting, one whole request per tenant per round, the tenant
+  with the oldest waiting request first, so no tenant waits behind another's backlog and none starves.
+
+Failure isolation: `forward(requests)` answers each request with its outputs or with the exception that
+request alone caused. If the forward itself raises, the batch is split in halves and each half is run
+again, down to single requests, so that only the request at fault gets the error; its traceback is
+logged once. A request whose client went away before its batch ran is dropped; once running, its result
+is discarded.
 """
 
 from __future__ import annotations
@@ -19,23 +31,27 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from server.errors import NotReady, Overloaded
+from server.errors import NotReady, Overloaded, ServerError
 from server.metrics import Metrics
 from server.predictor import Output, TaskRequest
+from server.task_ids import split_stored_id
 
 log = logging.getLogger(__name__)
-Forward = Callable[[Sequence[TaskRequest]], list[list[Output]]]
+Result = list[Output] | BaseException  # one request's answer: its outputs, or the error it alone caused
+Forward = Callable[[Sequence[TaskRequest]], list[Result]]
+QUEUE_HARD_CAP = 2  # the whole queue never exceeds this many times max_queue_texts
 
 
 @dataclass(eq=False)
 class _Pending:
     request: TaskRequest
+    tenant: str
     future: asyncio.Future[list[Output]]
     enqueued: float
 
     @property
-    def texts(self) -> Sequence[str]:
-        return self.request.texts
+    def texts(self) -> int:
+        return len(self.request.texts)
 
 
 class Batcher:
@@ -51,7 +67,8 @@ class Batcher:
         self.forward = forward
         self.max_batch_texts, self.max_wait, self.max_queue_texts = max_batch_texts, max_wait, max_queue_texts
         self.metrics = metrics
-        self._pending: deque[_Pending] = deque()
+        self._queues: dict[str, deque[_Pending]] = {}  # tenant -> its waiting requests, oldest first
+        self._tenant_texts: dict[str, int] = {}  # tenant -> texts it has waiting
         self._pending_texts = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="recast-forward")
@@ -63,6 +80,9 @@ class Batcher:
     @property
     def queued_texts(self) -> int:
         return self._pending_texts
+
+    def queued_texts_of(self, tenant: str) -> int:
+        return self._tenant_texts.get(tenant, 0)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="recast-batcher")
@@ -79,41 +99,55 @@ class Batcher:
                 self._task.cancel()
                 log.warning("batcher stopped before the queue drained", extra={"texts": self._pending_texts})
                 _fail(self._inflight, NotReady("the server is shutting down", retry_after=1))
-        while self._pending:
-            request = self._pending.popleft()
-            if not request.future.done():
-                request.future.set_exception(NotReady("the server is shutting down", retry_after=1))
-        self._pending_texts = 0
+        _fail(self._drain(), NotReady("the server is shutting down", retry_after=1))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, request: TaskRequest) -> list[Output]:
         if self._closed:
             raise NotReady("the server is shutting down", retry_after=1)
-        if self._pending_texts + len(request.texts) > self.max_queue_texts:
-            if self.metrics is not None:
-                self.metrics.rejected.inc()
-            wait = max(1.0, math.ceil(self._pending_texts * self._seconds_per_text))
-            raise Overloaded(
-                f"the request queue is full ({self._pending_texts} texts waiting); retry later",
-                retry_after=wait,
-            )
+        tenant = split_stored_id(request.entry.task_id)[0]
+        texts = len(request.texts)
+        self._admit(tenant, texts)
         future: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request, future, time.monotonic()))
-        self._pending_texts += len(request.texts)
+        self._queues.setdefault(tenant, deque()).append(_Pending(request, tenant, future, time.monotonic()))
+        self._tenant_texts[tenant] = self._tenant_texts.get(tenant, 0) + texts
+        self._pending_texts += texts
         self._gauge()
         self._wakeup.set()
         return await future
+
+    def _admit(self, tenant: str, texts: int) -> None:
+        """Overloaded unless `tenant` may queue `texts` more texts now (its fair share; the hard cap)."""
+        waiting = len(self._queues) + (0 if tenant in self._queues else 1)
+        share = max(self.max_queue_texts // waiting, 1)
+        held = self._tenant_texts.get(tenant, 0)
+        if held + texts <= share and self._pending_texts + texts <= QUEUE_HARD_CAP * self.max_queue_texts:
+            return
+        if (
+            held == 0
+            and texts <= self.max_queue_texts
+            and self._pending_texts + texts <= QUEUE_HARD_CAP * self.max_queue_texts
+        ):
+            return  # a tenant with nothing waiting may always queue one request (it may exceed the share)
+        if self.metrics is not None:
+            self.metrics.rejected.inc()
+        wait = max(1.0, math.ceil(max(held, 1) * waiting * self._seconds_per_text))
+        raise Overloaded(
+            f"the request queue is full for this tenant ({held} of its texts waiting, its share is {share} "
+            f"while {waiting} tenants wait); retry later",
+            retry_after=wait,
+        )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if not self._pending:
+            if not self._queues:
                 if self._closed:
                     return
                 continue
-            deadline = self._pending[0].enqueued + self.max_wait
+            deadline = self._oldest() + self.max_wait
             while (
                 not self._closed
                 and self._pending_texts < self.max_batch_texts
@@ -127,41 +161,70 @@ class Batcher:
             batch = self._take()
             if batch:
                 await self._forward(loop, batch)
-            if self._pending or self._closed:
+            if self._queues or self._closed:
                 self._wakeup.set()
 
+    def _oldest(self) -> float:
+        return min(queue[0].enqueued for queue in self._queues.values())
+
     def _take(self) -> list[_Pending]:
-        """Whole requests, oldest first, up to max_batch_texts (at least one); skips abandoned ones."""
+        """Whole requests, round-robin over tenants (oldest first each round), up to max_batch_texts."""
+        self._drop_abandoned()
         batch: list[_Pending] = []
         texts = 0
-        while self._pending:
-            request = self._pending[0]
-            if request.future.done():  # cancelled: the client went away before its batch ran
-                self._pending.popleft()
-                self._pending_texts -= len(request.texts)
-                continue
-            if batch and texts + len(request.texts) > self.max_batch_texts:
+        while self._queues:
+            progressed = False
+            for tenant in sorted(self._queues, key=lambda t: self._queues[t][0].enqueued):
+                queue = self._queues[tenant]
+                head = queue[0]
+                if batch and texts + head.texts > self.max_batch_texts:
+                    continue
+                queue.popleft()
+                self._unqueue(head)
+                batch.append(head)
+                texts += head.texts
+                progressed = True
+            if not progressed or texts >= self.max_batch_texts:
                 break
-            self._pending.popleft()
-            self._pending_texts -= len(request.texts)
-            batch.append(request)
-            texts += len(request.texts)
         self._gauge()
         return batch
 
+    def _drop_abandoned(self) -> None:
+        """Forget requests whose client went away before their batch ran (their futures are cancelled)."""
+        for tenant in list(self._queues):
+            queue = self._queues[tenant]
+            for pending in [p for p in queue if p.future.done()]:
+                queue.remove(pending)
+                self._unqueue(pending)
+            if not queue:
+                self._queues.pop(tenant, None)
+
+    def _unqueue(self, pending: _Pending) -> None:
+        self._pending_texts -= pending.texts
+        left = self._tenant_texts.get(pending.tenant, 0) - pending.texts
+        if left > 0:
+            self._tenant_texts[pending.tenant] = left
+        else:
+            self._tenant_texts.pop(pending.tenant, None)
+        queue = self._queues.get(pending.tenant)
+        if queue is not None and not queue:
+            del self._queues[pending.tenant]
+
+    def _drain(self) -> list[_Pending]:
+        pending = [p for queue in self._queues.values() for p in queue]
+        self._queues.clear()
+        self._tenant_texts.clear()
+        self._pending_texts = 0
+        self._gauge()
+        return pending
+
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         requests = [r.request for r in batch]
-        texts = sum(len(r.texts) for r in batch)
+        texts = sum(r.texts for r in batch)
         start = time.perf_counter()
         self._inflight = batch
         try:
-            results = await loop.run_in_executor(self._executor, self.forward, requests)
-            if len(results) != len(batch):
-                raise RuntimeError(f"forward answered {len(results)} requests of {len(batch)}")
-        except Exception as exc:  # one bad batch must not stop the server: its requests get the error
-            log.exception("batched forward failed", extra={"texts": texts, "requests": len(batch)})
-            _fail(batch, exc)
-            return
+            results = await loop.run_in_executor(self._executor, self._isolated, requests)
         finally:
             self._inflight = []
         seconds = time.perf_counter() - start
@@ -170,9 +233,38 @@ class Batcher:
             self.metrics.batch_texts.observe(texts)
             self.metrics.batch_tasks.observe(len({r.request.entry.cache_key for r in batch}))
             self.metrics.forward_seconds.observe(seconds)
-        for r, outputs in zip(batch, results, strict=True):
-            if not r.future.done():
-                r.future.set_result(outputs)
+        for r, result in zip(batch, results, strict=True):
+            if r.future.done():
+                continue
+            if isinstance(result, BaseException):
+                r.future.set_exception(result)
+            else:
+                r.future.set_result(result)
+
+    def _isolated(self, requests: Sequence[TaskRequest]) -> list[Result]:
+        """forward(requests); if it raises, each half again, so an error reaches only the request at fault."""
+        try:
+            results = self.forward(requests)
+            if len(results) != len(requests):
+                raise RuntimeError(f"forward answered {len(results)} requests of {len(requests)}")
+            return results
+        except Exception as exc:
+            if len(requests) == 1:
+                request = requests[0]
+                log.error(
+                    "forward failed for one request",
+                    exc_info=exc,
+                    extra={"task_id": request.entry.task_id, "texts": len(request.texts)},
+                )
+                if self.metrics is not None:
+                    self.metrics.forward_failures.inc()
+                return [ServerError("the forward failed for this request; see the server log")]
+            log.warning(
+                "batched forward failed; retrying its requests in parts",
+                extra={"requests": len(requests), "error": f"{type(exc).__name__}: {str(exc)[:200]}"},
+            )
+            middle = len(requests) // 2
+            return self._isolated(requests[:middle]) + self._isolated(requests[middle:])
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         """The batching loop ended: normal at stop; otherwise a bug, and no request may wait forever."""
@@ -182,9 +274,7 @@ class Batcher:
         self._closed = True
         error = NotReady("the batcher stopped; the server must be restarted", retry_after=5)
         _fail(self._inflight, error)
-        _fail(list(self._pending), error)
-        self._pending.clear()
-        self._pending_texts = 0
+        _fail(self._drain(), error)
 
     @property
     def healthy(self) -> bool:

@@ -38,6 +38,11 @@ class Metrics:
         self.rejected = Counter(
             "recast_overload_rejections", "requests refused because the queue was full", registry=r
         )
+        self.forward_failures = Counter(
+            "recast_forward_failures",
+            "requests whose forward failed on their own (after the batch was retried in parts)",
+            registry=r,
+        )
         self.tasks_resident = Gauge("recast_tasks_resident", "tasks the server can answer now", registry=r)
         self.upload_seconds = Histogram(
             "recast_upload_seconds",

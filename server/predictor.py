@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,8 +12,12 @@ from kernels import Kernels
 from recast_core.backbone import DEFAULT_MAX_LENGTH, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.multitask import MultiTaskEncoder
+from server.errors import BadInput, ServerError
 from server.heads import Head
 from server.registry import TaskEntry
+from server.task_ids import split_stored_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,22 @@ class TaskRequest:
     entry: TaskEntry
     head: Head
     texts: Sequence[str]
+
+
+def check_texts(texts: Sequence[str], max_inputs: int, max_chars: int) -> None:
+    """1..max_inputs texts of at most max_chars characters, each encodable (BadInput names the index)."""
+    if not 1 <= len(texts) <= max_inputs:
+        raise BadInput(f"inputs must hold 1 to {max_inputs} texts, got {len(texts)}")
+    for i, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {max_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON allows "\ud800"): not text
+            raise BadInput(
+                f"inputs[{i}] is not valid Unicode text: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+                f"character {exc.start}"
+            ) from None
 
 
 class Predictor:
@@ -80,10 +101,20 @@ class Predictor:
             torch.stack([base, base * 0.5]),
         )
 
-    def predict(self, requests: Sequence[TaskRequest]) -> list[list[Output]]:
-        results = []
+    def predict(self, requests: Sequence[TaskRequest]) -> list[list[Output] | BaseException]:
+        """Each request's outputs, or the error it alone caused (scores are always finite numbers)."""
+        results: list[list[Output] | BaseException] = []
         for r, logits in zip(requests, self.logits(requests), strict=True):
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits.to(torch.float32), dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                results.append(
+                    ServerError(
+                        f"task {split_stored_id(r.entry.task_id)[1]!r} produced non-finite scores; "
+                        "see the server log"
+                    )
+                )
+                log.error("non-finite scores", extra={"task_id": r.entry.task_id, "version": r.entry.version})
+                continue
             labels = r.entry.labels
             results.append(
                 [

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request
 
 from server.auth import Identity, Need
+from server.errors import BadInput
 from server.task_ids import check_task_id, qualify
 
 
@@ -16,8 +17,11 @@ def app_state(request: Request) -> Any:
 
 
 def identify(request: Request, authorization: str | None, need: Need) -> Identity:
-    """The caller (tenant, role, key id), also recorded for the access log; raises 401/403/429."""
-    identity: Identity = app_state(request).auth.identify(authorization, need)
+    """The caller (tenant, role, key id), also recorded for the access log; raises 400/401/403/429."""
+    if len(request.headers.getlist("authorization")) > 1:
+        raise BadInput("send one Authorization header, not several")
+    client = request.client.host if request.client is not None else "unknown"
+    identity: Identity = app_state(request).auth.identify(authorization, need, client)
     request.state.identity = identity
     return identity
 

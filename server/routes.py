@@ -13,10 +13,17 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from server.errors import BadInput, NotReady, PayloadTooLarge, StoreError, UnsupportedMediaType
+from server.errors import (
+    BadInput,
+    NotReady,
+    PayloadTooLarge,
+    StoreError,
+    UnknownTask,
+    UnsupportedMediaType,
+)
 from server.openapi import error_responses
-from server.predictor import TaskRequest
-from server.registry import TaskEntry
+from server.predictor import TaskRequest, check_texts
+from server.registry import TaskEntry, TaskRegistry
 from server.request_context import app_state, identify, stored_id_of
 from server.task_ids import split_stored_id
 
@@ -26,7 +33,9 @@ ARTIFACT = {"type": "string", "format": "binary", "description": "the task artif
 
 
 class PredictRequest(BaseModel):
-    inputs: list[str] = Field(max_length=4096, description="texts to classify (1 to RECAST_MAX_INPUTS)")
+    # the bounds the schema shows are the server's own (RECAST_MAX_INPUTS, RECAST_MAX_INPUT_CHARS): see
+    # server/openapi.py; the handler checks them
+    inputs: list[str] = Field(description="texts to classify (1 to RECAST_MAX_INPUTS)")
 
 
 class Output(BaseModel):
@@ -91,6 +100,17 @@ def _detail(entry: TaskEntry) -> TaskDetail:
     )
 
 
+IF_MATCH_PATTERN = r'^(W/)?"?[0-9]{1,18}"?$'
+IfMatch = Annotated[
+    str | None,
+    Header(
+        pattern=IF_MATCH_PATTERN,
+        description='the task version the change applies to: `3` or `"3"` (the ETag); `0`: only if the task '
+        "does not exist",
+    ),
+]
+
+
 def _if_match(value: str | None) -> int | None:
     """`If-Match: 3` or `If-Match: "3"` (the ETag we send); 0 means the task must not exist yet."""
     if value is None:
@@ -99,6 +119,14 @@ def _if_match(value: str | None) -> int | None:
     if not re.fullmatch(r"[0-9]{1,18}", text):
         raise BadInput(f"If-Match must be a task version number, got {value[:40]!r}")
     return int(text)
+
+
+def _is_live(registry: TaskRegistry, stored_id: str) -> bool:
+    try:
+        registry.get(stored_id)
+    except UnknownTask:
+        return False
+    return True
 
 
 @router.put(
@@ -114,14 +142,14 @@ async def upload_task(
     request: Request,
     response: Response,
     authorization: Annotated[str | None, Header()] = None,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> TaskDetail:
     """Upload a task artifact (raw safetensors body, `application/octet-stream`); returns its new version."""
     state = app_state(request)
     stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
     expected = _if_match(if_match)
-    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
-    if content_type != "application/octet-stream":
+    content_type = request.headers.get("content-type", ARTIFACT_TYPE).split(";")[0].strip().lower()
+    if content_type != ARTIFACT_TYPE:
         raise UnsupportedMediaType(
             "upload the artifact as the raw body with Content-Type application/octet-stream, "
             f"not {content_type}"
@@ -138,11 +166,12 @@ async def upload_task(
     if not body:
         raise BadInput("empty body: send the task artifact (.safetensors) as the request body")
     runtime, _ = state.require()
+    existed = _is_live(runtime.registry, stored_id)
     start = time.perf_counter()
     entry = await run_in_threadpool(runtime.catalog.upload, stored_id, bytes(body), if_match=expected)
     seconds = time.perf_counter() - start  # validated, stored durably and servable
     state.metrics.upload_seconds.observe(seconds)
-    response.status_code = 201 if entry.version == 1 else 200
+    response.status_code = 200 if existed and entry.version > 1 else 201  # 201: no live version before
     response.headers["ETag"] = f'"{entry.version}"'
     response.headers["Server-Timing"] = f"upload;dur={1000 * seconds:.3f}"
     return _detail(entry)
@@ -194,7 +223,7 @@ async def delete_task(
     task_id: str,
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> Deleted:
     state = app_state(request)
     stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
@@ -220,11 +249,7 @@ async def predict(
     state = app_state(request)
     settings = state.settings
     stored_id = stored_id_of(identify(request, authorization, "predict"), task_id)
-    if not 1 <= len(body.inputs) <= settings.max_inputs:
-        raise BadInput(f"inputs must hold 1 to {settings.max_inputs} texts, got {len(body.inputs)}")
-    for i, text in enumerate(body.inputs):
-        if len(text) > settings.max_input_chars:
-            raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {settings.max_input_chars}")
+    check_texts(body.inputs, settings.max_inputs, settings.max_input_chars)
     runtime, batcher = state.require()
     registry = runtime.registry
     entry = registry.get(stored_id)  # this version (and its head) answers the whole request
@@ -245,9 +270,12 @@ async def predict(
     )
 
 
-@router.get("/v1/backbone", tags=["server"], responses=error_responses(503))
-async def backbone(request: Request) -> dict[str, Any]:
+@router.get("/v1/backbone", tags=["server"], responses=error_responses(400, 401, 403, 429, 503))
+async def backbone(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    """The backbone, bank and kernel serving; `tasks` counts the caller's tenant's tasks."""
+    identity = identify(request, authorization, "read")
     runtime, _ = app_state(request).require()
+    _, tasks = await run_in_threadpool(runtime.registry.page, "", 1, identity.tenant)
     bank = runtime.bank
     return {
         "model": runtime.backbone.name,
@@ -260,17 +288,19 @@ async def backbone(request: Request) -> dict[str, Any]:
         },
         "kernel": {"path": runtime.kernels.path.value, "detail": runtime.kernels.detail},
         "store": runtime.store.kind,
-        "tasks": len(runtime.registry),
+        "tasks": tasks,
     }
 
 
 @router.get("/healthz", tags=["server"])
+@router.head("/healthz", tags=["server"], operation_id="healthz_head")
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["server"], responses=error_responses(400, 503))
+@router.head("/readyz", tags=["server"], responses=error_responses(400, 503), operation_id="readyz_head")
 async def readyz(
     request: Request,
     strict: Annotated[bool, Query(description="also answer 503 while the task store is unreachable")] = False,
@@ -289,10 +319,9 @@ async def readyz(
             "fail until it is back, resident tasks still answer predictions",
             retry_after=2,
         )
-    return {
+    return {  # no task counts here: readiness needs no key, and tenants' task counts are theirs
         "status": "ready" if store_ok else "degraded",
         "store": "ok" if store_ok else "unavailable",
-        "tasks": len(runtime.registry),
         "queued_texts": batcher.queued_texts,
     }
 

@@ -35,6 +35,17 @@ class Settings(BaseSettings):
         default=100.0, ge=0, description="requests per second per API key (0: unlimited); keys may override"
     )
     rate_limit_burst: int = Field(default=200, ge=1, description="requests a key may send at once")
+    anonymous_rate_limit_per_s: float = Field(
+        default=50.0,
+        ge=0,
+        description="requests/s per client address without a key, on a server with keys (0: unlimited)",
+    )
+    anonymous_rate_limit_burst: int = Field(
+        default=100, ge=1, description="requests a client address without a key may send at once"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="seconds a connection may take to send a request's headers"
+    )
     kernel: str | None = Field(default=None, description="force a kernel path: reference, torch or triton")
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's choice)"

@@ -16,6 +16,7 @@ import uvicorn
 from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from server import create_app
+from server.http_protocol import server_config
 from server.settings import Settings
 
 
@@ -31,7 +32,7 @@ def serving(settings: Settings, start_timeout: float = 600.0) -> Iterator[str]:
 
     The first start in a fresh checkout also compiles the CPU kernel (minutes on a busy machine)."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    config = server_config(create_app(settings), settings, host="127.0.0.1", port=port)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from recast_core.artifact import ArtifactSpec, TaskArtifact
 from server.batcher import Batcher
 from server.catalog import TaskCatalog
-from server.errors import NotReady, Overloaded
+from server.errors import NotReady, Overloaded, ServerError
 from server.predictor import Output, TaskRequest
 from server.registry import TaskRegistry
 from server.runtime import _preload
@@ -74,8 +74,9 @@ def test_batcher_survives_a_bad_forward_and_refuses_overload(tmp_path: Path) -> 
     async def scenario() -> None:
         batcher = Batcher(forward, max_batch_texts=8, max_wait=0.01, max_queue_texts=4)
         batcher.start()
-        with pytest.raises(RuntimeError, match="answered 0 requests of 1"):
+        with pytest.raises(ServerError, match="forward failed for this request") as failed:
             await batcher.submit(TaskRequest(entry, head, ["a"]))
+        assert failed.value.status == 500
         outputs = await batcher.submit(TaskRequest(entry, head, ["a", "b"]))
         assert [o.label for o in outputs] == ["yes", "yes"]
         with pytest.raises(Overloaded) as overloaded:
