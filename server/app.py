@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(job_router)
     install_console(app)
-    install_openapi(app)
+    install_openapi(app, settings.max_inputs, settings.max_input_chars)
     _install_error_handlers(app)
     # the body limit inside the request middleware: its 413s get a request id, a metric and a log line
     app.add_middleware(BodyLimit, max_bytes=max_body)

@@ -73,20 +73,21 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def install(app: FastAPI) -> None:
-    """Serve the schema as the server behaves: FastAPI's 422 removed, task ids with their pattern."""
+def install(app: FastAPI, max_inputs: int, max_input_chars: int) -> None:
+    """Serve the schema as the server behaves: FastAPI's 422 removed, task ids with their pattern, predict
+    inputs bounded by this server's limits."""
     generate: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _as_served(generate())
+            _as_served(generate(), max_inputs, max_input_chars)
         assert app.openapi_schema is not None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _as_served(schema: dict[str, Any]) -> None:
+def _as_served(schema: dict[str, Any], max_inputs: int, max_input_chars: int) -> None:
     for item in schema.get("paths", {}).values():
         for operation in item.values():
             responses = operation.get("responses", {})
@@ -94,8 +95,25 @@ def _as_served(schema: dict[str, Any]) -> None:
             if ref.get("$ref", "").endswith("/HTTPValidationError"):
                 del responses["422"]
             for parameter in operation.get("parameters", []):
+                _not_nullable(parameter)
                 if parameter.get("in") == "path" and parameter.get("name") == "task_id":
                     parameter["schema"] = parameter.get("schema", {}) | {"pattern": f"^{TASK_ID.pattern}$"}
     components = schema.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+    inputs = components.get("PredictRequest", {}).get("properties", {}).get("inputs")
+    if inputs is not None:
+        inputs |= {"minItems": 1, "maxItems": max_inputs}
+        inputs["items"] = inputs.get("items", {}) | {"maxLength": max_input_chars}
+
+
+def _not_nullable(parameter: dict[str, Any]) -> None:
+    """An optional header or query parameter is absent or a string, never JSON null: FastAPI's
+    `anyOf: [{...}, {"type": "null"}]` for `str | None` becomes the non-null schema."""
+    schema = parameter.get("schema", {})
+    options = schema.get("anyOf")
+    if isinstance(options, list):
+        kept = [option for option in options if option.get("type") != "null"]
+        if len(kept) == 1:
+            rest = {k: v for k, v in schema.items() if k != "anyOf"}
+            parameter["schema"] = kept[0] | rest

@@ -29,7 +29,12 @@ from server.task_ids import split_stored_id
 
 router = APIRouter()
 ARTIFACT_TYPE = "application/octet-stream"
-ARTIFACT = {"type": "string", "format": "binary", "description": "the task artifact (.safetensors)"}
+ARTIFACT = {
+    "type": "string",
+    "format": "binary",
+    "minLength": 1,
+    "description": "the task artifact (.safetensors)",
+}
 
 
 class PredictRequest(BaseModel):
