@@ -200,7 +200,8 @@ def test_a_flooding_pair_of_tenants_leaves_a_third_its_share(live: Live) -> None
             thread.join(timeout=60)
     seconds.sort()
     print(
-        f"\nthird tenant: {statuses.count(200)}/20 answered, p50 {seconds[10]:.2f} s, max {seconds[-1]:.2f} s; "
+        f"\nthird tenant: {statuses.count(200)}/20 answered, p50 {seconds[10]:.2f} s, "
+        f"max {seconds[-1]:.2f} s; "
         f"flood: {flood_statuses.count(200)} answered, {flood_statuses.count(429)} refused"
     )
     assert flood_statuses.count(429) > 0, "the flood never filled the queue: the test shows nothing"
