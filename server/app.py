@@ -24,13 +24,15 @@ from server.auth import Authenticator
 from server.batcher import Batcher
 from server.console_routes import install as install_console
 from server.errors import (
-    ArtifactRejected,
     BadInput,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
     NotReady,
     PayloadTooLarge,
     ServerError,
+    Unauthorized,
+    UnsupportedMediaType,
 )
 from server.job_routes import router as job_router
 from server.keys import KeyRing
@@ -197,17 +199,22 @@ def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
         return response
 
 
+GENERIC: dict[int, type[ServerError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    503: NotReady,
+}
+
+
 def _typed(status: int, message: str) -> ServerError:
-    """An error of the closed vocabulary for an HTTP status raised by the framework: the type with that
-    status if there is exactly one, else bad_input for a 4xx and internal_error otherwise."""
-    found, pending = [], list(ServerError.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if cls.status == status and cls is not ArtifactRejected:
-            found.append(cls)
-    if len(found) == 1:
-        return found[0](message)
+    """An error of the closed vocabulary for an HTTP status raised by the framework: the generic type of
+    that status, else bad_input for a 4xx and internal_error for anything else."""
+    if status in GENERIC:
+        return GENERIC[status](message)
     return BadInput(message) if 400 <= status < 500 else ServerError(message)
 
 

@@ -120,6 +120,8 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         HeadCache(settings.head_cache_bytes),
     )
     store = open_store(settings.store)
+    job_store: JobStore | None = None
+    jobs: JobManager | None = None
     try:
         catalog = TaskCatalog(store, registry, metrics)
         store.watch(catalog.on_change, catalog.resync)  # before the first scan: no change falls in between
@@ -140,8 +142,14 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             metrics=metrics,
         )
         predictor.warm_up()
-    except BaseException:
-        store.close()
+    except BaseException:  # a failed start releases everything it had started, in reverse order
+        try:
+            if jobs is not None:
+                jobs.close()
+            if job_store is not None:
+                job_store.close()
+        finally:
+            store.close()
         raise
     log.info(
         "server runtime ready",

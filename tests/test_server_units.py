@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,3 +91,35 @@ def test_batcher_survives_a_bad_forward_and_refuses_overload(tmp_path: Path) -> 
 
     asyncio.run(scenario())
     assert calls == [1, 1]
+
+
+def test_a_failed_start_stops_every_thread_it_started(
+    bank_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.metrics import Metrics
+    from server.predictor import Predictor
+    from server.runtime import start_runtime
+
+    def broken_warm_up(self: Predictor) -> None:
+        raise RuntimeError("warm-up failed")
+
+    monkeypatch.setattr(Predictor, "warm_up", broken_warm_up)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        start_runtime(Settings(bank=bank_dir, store=str(tmp_path / "tasks")), Metrics())
+    deadline = time.monotonic() + 15
+    while (left := [t for t in threading.enumerate() if t not in before and t.name != "tqdm_monitor"]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not left, f"threads left running after a failed start: {[t.name for t in left]}"
+    DirectoryStore(tmp_path / "tasks").close()  # and the store's lock was released
+
+
+def test_framework_http_errors_map_into_the_closed_vocabulary() -> None:
+    from server.app import _typed
+
+    assert _typed(404, "x").error_type == "not_found"
+    assert _typed(413, "x").error_type == "payload_too_large"
+    assert (_typed(418, "x").error_type, _typed(418, "x").status) == ("bad_input", 400)
+    assert (_typed(502, "x").error_type, _typed(502, "x").status) == ("internal_error", 500)
