@@ -1,11 +1,23 @@
 """Training jobs: labelled examples in, a served task out, trained in the background.
 
-A job is queued (bounded queue), then run in a worker process (server/training_worker.py) by one of
-`max_jobs` runner threads, then published through the catalog exactly like an upload (validated, stored
-durably, swapped in atomically). Every state change is recorded in the job store, so every replica and a
-restarted server can answer for it. The runner heartbeats its jobs; a job whose server stopped (no
-heartbeat for STALE_AFTER seconds, or any unfinished job when a single-writer store is reopened) is
-marked failed with that reason, never silently lost. Cancelling ends the worker process.
+A job is queued (bounded queue, shared fairly between tenants), then run in a worker process
+(server/training_worker.py) by one of `max_jobs` runner threads, then published through the catalog exactly
+like an upload (validated, stored durably, swapped in atomically). Every state change is recorded in the job
+store, so every replica and a restarted server can answer for it.
+
+One final state for every replica: records are written only by compare-and-set on the revision read
+(server/stores/jobs.py). The owner (the server running the job) writes its job while it is unfinished and
+heartbeats it; any server may end it once: the owner with its outcome, another replica with `failed` when
+the heartbeat is older than `stale_after` (or, at start-up, any unfinished job of a single-writer store).
+Whichever write lands first wins and a final record is never written again: a replica whose write loses
+reads the record back and answers with it; an owner whose write loses to a final record stops the worker,
+publishes nothing and keeps that record. A cancel through another replica is a separate flag that the
+owner's writes return to it (heartbeat or progress save, so within `heartbeat` seconds) and never clear.
+
+Fair sharing: a tenant holds at most max(1, max_queued // 2) of the `max_queued` waiting places, and a free
+runner starts the tenant with the fewest running jobs, then the one that started a job least recently.
+Retention: finished jobs are kept `keep_seconds` (7 days) and at most `keep_finished` (200, the longest
+listing) per tenant, the most recently finished; pruned when a job of the tenant ends and every 10 minutes.
 """
 
 from __future__ import annotations
@@ -15,9 +27,10 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +49,10 @@ FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 HEARTBEAT = 2.0  # seconds between heartbeats of a server's unfinished jobs
 STALE_AFTER = 30.0  # an unfinished job without a heartbeat this long lost its server
 SAVE_EVERY = 1.0  # seconds between recorded progress updates
+KEEP_FINISHED = 200  # finished jobs kept per tenant (the longest listing)
+KEEP_SECONDS = 7 * 86400.0  # and for at most this long
+PRUNE_EVERY = 600.0  # seconds between prunes of every tenant's finished jobs
+STOPPED = "the server running the job stopped before it finished"
 
 
 def _now() -> str:
@@ -65,6 +82,7 @@ class Job:
     error: str | None = None
     result: dict[str, Any] | None = None
     cancel_requested: bool = False
+    revision: int = 0  # of the stored record this was read from or written as
 
     @property
     def final(self) -> bool:
@@ -81,14 +99,69 @@ class Job:
 
 @dataclass(eq=False)
 class _Work:
-    """A job of this server; `job` changes only under `lock`, and never again once `ended`."""
+    """A job of this server. `job`, `process`, `ended` and `recorded` change only under `lock`; `job`
+    never again once `ended`. It leaves the server's active jobs once `recorded` and not `running`."""
 
     job: Job
     data: LabelledTexts
-    process: Any = None  # the worker process while it runs
+    seq: int = 0  # queue order
+    process: Any = None  # the worker process, once started
     cancelled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ended: bool = False
+    ended: bool = False  # `job` is final in memory
+    recorded: bool = False  # and the store holds a final record
+    running: bool = False  # a runner thread holds it
+
+
+class _Queue:
+    """Waiting jobs per tenant: a tenant holds at most `share` of the `limit` places; `pop` starts the
+    tenant with the fewest running jobs, then the least recently started, then the oldest waiting job."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.share = limit, max(1, limit // 2)
+        self._waiting: dict[str, deque[_Work]] = {}
+        self._started: dict[str, int] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def refusal(self, tenant: str) -> str | None:
+        """Why a job of `tenant` cannot wait now, or None."""
+        if len(self) >= self.limit:
+            return f"{len(self)} training jobs are already waiting; retry later"
+        if len(self._waiting.get(tenant, ())) >= self.share:
+            return f"this tenant has {self.share} training jobs waiting, its share of the queue; retry later"
+        return None
+
+    def push(self, work: _Work) -> None:
+        self._seq += 1
+        work.seq = self._seq
+        self._waiting.setdefault(work.job.tenant, deque()).append(work)
+
+    def remove(self, work: _Work) -> bool:
+        waiting = self._waiting.get(work.job.tenant)
+        if waiting is None or work not in waiting:
+            return False
+        waiting.remove(work)
+        if not waiting:
+            del self._waiting[work.job.tenant]
+        return True
+
+    def pop(self, running: Counter[str]) -> _Work:
+        tenant = min(
+            self._waiting, key=lambda t: (running[t], self._started.get(t, 0), self._waiting[t][0].seq)
+        )
+        work = self._waiting[tenant][0]
+        self.remove(work)
+        self._seq += 1
+        self._started[tenant] = self._seq
+        return work
+
+    def drain(self) -> list[_Work]:
+        works = sorted((w for q in self._waiting.values() for w in q), key=lambda w: w.seq)
+        self._waiting.clear()
+        return works
 
 
 class JobManager:
@@ -105,20 +178,24 @@ class JobManager:
         nice: int = 10,
         idle_priority: bool = True,
         metrics: Metrics | None = None,
+        worker: Callable[..., None] = run,
+        heartbeat: float = HEARTBEAT,
+        stale_after: float = STALE_AFTER,
+        keep_finished: int = KEEP_FINISHED,
+        keep_seconds: float = KEEP_SECONDS,
     ) -> None:
         self.store, self.catalog, self.metrics = store, catalog, metrics
         self.bank_dir, self.bank_fingerprint = bank_dir, bank_fingerprint
-        self.max_queued, self.threads, self.nice, self.idle_priority = (
-            max_queued,
-            threads,
-            nice,
-            idle_priority,
-        )
+        self.threads, self.nice, self.idle_priority = threads, nice, idle_priority
+        self.worker, self.heartbeat, self.stale_after = worker, heartbeat, stale_after
+        self.keep_finished, self.keep_seconds = keep_finished, keep_seconds
         self.owner = uuid.uuid4().hex[:12]
-        self._queue: deque[_Work] = deque()
+        self._queue = _Queue(max_queued)
         self._active: dict[str, _Work] = {}  # queued and running jobs of this server
+        self._running: Counter[str] = Counter()  # running jobs per tenant
         self._cond = threading.Condition()
         self._stopping = False
+        self._wake = threading.Event()
         self._context = mp.get_context("spawn")
         self._recover()
         self._threads = [
@@ -132,7 +209,8 @@ class JobManager:
     # the API's side
 
     def submit(self, tenant: str, task_id: str, data: LabelledTexts, options: dict[str, Any]) -> Job:
-        """Queue a job (data and options already validated); Overloaded when the queue is full."""
+        """Queue a job (data and options already validated); Overloaded when the queue (or the tenant's
+        share of it) is full."""
         qualify(tenant, task_id)
         now = _now()
         job = Job(
@@ -150,13 +228,12 @@ class JobManager:
         with self._cond:
             if self._stopping:
                 raise ServerError("the server is stopping")
-            if len(self._queue) >= self.max_queued:
-                raise Overloaded(
-                    f"{len(self._queue)} training jobs are already waiting; retry later", retry_after=30
-                )
-            self.store.put(job.to_record())
+            refusal = self._queue.refusal(tenant)
+            if refusal is not None:
+                raise Overloaded(refusal, retry_after=30)
+            job = Job.from_record(self.store.create(job.to_record()))
             work = _Work(job, data)
-            self._queue.append(work)
+            self._queue.push(work)
             self._active[job.job_id] = work
             self._cond.notify()
         self._count("queued")
@@ -165,8 +242,8 @@ class JobManager:
 
     def get(self, tenant: str, job_id: str) -> Job:
         """The job, if `tenant` owns it (another tenant's job is as unknown as a missing one)."""
-        record = self.store.get(job_id)
-        if record is None or record.get("tenant") != tenant:
+        record = self.store.get(tenant, job_id)
+        if record is None:
             raise UnknownJob(f"no job {job_id[:64]!r}")
         return self._checked(Job.from_record(record))
 
@@ -174,41 +251,38 @@ class JobManager:
         return [self._checked(Job.from_record(r)) for r in self.store.list(tenant, limit)]
 
     def cancel(self, tenant: str, job_id: str) -> Job:
-        """Cancel a queued or running job; JobFinished if it already ended."""
+        """Cancel a queued or running job, here or on another replica; JobFinished if it already ended."""
         job = self.get(tenant, job_id)
         if job.final:
             raise JobFinished(f"job {job_id} already {job.state}")
         with self._cond:
             work = self._active.get(job_id)
-            if work is not None and work in self._queue:  # not started: just drop it
-                self._queue.remove(work)
-                del self._active[job_id]
-                return self._end(work, "cancelled", error="cancelled before it started")
+            queued = work is not None and self._queue.remove(work)
+        if work is not None and queued:  # not started: just drop it
+            ended = self._end(work, "cancelled", error="cancelled before it started")
+            self._release(work)
+            return ended
         if work is not None:  # running here: end the worker; the runner records the outcome
-            work.cancelled.set()
-            if work.process is not None:
-                work.process.terminate()
-            return self._wait_final(job_id, job)
-        # running on another replica: ask it (its heartbeat reads the request)
-        requested = replace(job, cancel_requested=True)
-        self.store.put(requested.to_record())
-        return requested
+            with work.lock:
+                self._stop(work)
+        elif self.store.request_cancel(tenant, job_id) is None:  # on another replica: its owner stops it
+            raise UnknownJob(f"no job {job_id[:64]!r}")
+        return self._wait_final(tenant, job_id, job)
 
     def close(self) -> None:
         """Stop: queued and running jobs of this server are ended and recorded as failed."""
         with self._cond:
             self._stopping = True
-            queued = list(self._queue)
-            self._queue.clear()
-            running = [w for w in self._active.values() if w not in queued]
+            queued = self._queue.drain()
+            running = [w for w in self._active.values() if w.running]
             self._cond.notify_all()
+        self._wake.set()
         for work in queued:
             self._end(work, "failed", error="the server stopped before the job started")
-            self._active.pop(work.job.job_id, None)
+            self._release(work)
         for work in running:
-            work.cancelled.set()
-            if work.process is not None:
-                work.process.terminate()
+            with work.lock:
+                self._stop(work)
         for thread in self._threads:
             thread.join(timeout=10)
 
@@ -221,22 +295,34 @@ class JobManager:
     def _runner(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not len(self._queue) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                work = self._queue.popleft()
+                work = self._queue.pop(self._running)
+                work.running = True
+                self._running[work.job.tenant] += 1
             try:
                 self._run(work)
             except Exception as exc:  # recorded, and the runner keeps going
                 log.exception("training job crashed", extra=self._fields(work.job))
-                self._end(work, "failed", error=f"internal error: {type(exc).__name__}")
+                try:
+                    self._end(work, "failed", error=f"internal error: {type(exc).__name__}")
+                except Exception:
+                    log.exception("cannot record a crashed training job", extra=self._fields(work.job))
             finally:
                 with self._cond:
-                    self._active.pop(work.job.job_id, None)
+                    work.running = False
+                    self._running[work.job.tenant] -= 1
+                    self._running += Counter()  # drops tenants with none running
+                self._release(work)
 
     def _run(self, work: _Work) -> None:
         job = self._update(work, save=True, state="running", phase="loading", started=_now())
+        if work.cancelled.is_set():  # asked through another replica while it waited
+            self._end(work, "cancelled", error="cancelled before it started")
+        if work.ended:
+            return
         log.info("training job started", extra=self._fields(job))
         spec = WorkerSpec(
             self.bank_dir,
@@ -250,17 +336,16 @@ class JobManager:
         )
         parent, child = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=run, args=(spec, child), name=f"train-{job.job_id[:8]}", daemon=True
+            target=self.worker, args=(spec, child), name=f"train-{job.job_id[:8]}", daemon=True
         )
-        work.process = process
         process.start()
         child.close()
+        with work.lock:  # published once started: a cancel can always end it
+            work.process = process
         outcome: tuple[Any, ...] | None = None
         saved = time.monotonic()
         try:
-            while outcome is None:
-                if work.cancelled.is_set():
-                    break
+            while outcome is None and not work.cancelled.is_set():
                 if not parent.poll(0.5):
                     if not process.is_alive() and not parent.poll(0):
                         break
@@ -273,7 +358,7 @@ class JobManager:
                     _, phase, done, total = message
                     share = done / total if total else 0.0
                     save = time.monotonic() - saved >= SAVE_EVERY
-                    self._update(work, save=save, phase=phase, progress=_overall(phase, share))
+                    self._progress(work, save, phase=phase, progress=_overall(phase, share))
                     saved = time.monotonic() if save else saved
                 else:
                     outcome = message
@@ -298,6 +383,9 @@ class JobManager:
             self._end(work, "failed", error=str(outcome[1]))
             return
         _, artifact, summary = outcome
+        self._update(work, save=True, phase="done", progress=1.0)
+        if work.ended:  # ended elsewhere meanwhile (declared failed): publish nothing
+            return
         try:
             entry = self.catalog.upload(qualify(job.tenant, job.task_id), artifact)
         except ServerError as exc:
@@ -312,49 +400,69 @@ class JobManager:
             "epochs_run": summary.get("epochs_run"),
             "seconds": summary.get("seconds"),
         }
-        self._update(work, phase="done", progress=1.0)
         self._end(work, "succeeded", result=result)
 
+    def _progress(self, work: _Work, save: bool, **changes: Any) -> None:
+        try:
+            self._update(work, save=save, **changes)
+        except ServerError as exc:  # the store is away: the heartbeat records the job when it is back
+            log.warning("job progress not recorded", extra={"job_id": work.job.job_id, "error": exc.message})
+
     def _heartbeat(self) -> None:
-        while not self._stopping:
-            time.sleep(HEARTBEAT)
+        pruned = time.monotonic()
+        while not self._wake.wait(self.heartbeat):
             with self._cond:
                 active = list(self._active.values())
             for work in active:
                 try:
-                    stored = self.store.get(work.job.job_id)
-                    if stored is not None and stored.get("cancel_requested") and not work.cancelled.is_set():
-                        work.cancelled.set()  # asked through another replica
-                        with self._cond:
-                            queued = work in self._queue
-                            if queued:
-                                self._queue.remove(work)
-                                self._active.pop(work.job.job_id, None)
-                        if queued:
-                            self._end(work, "cancelled", error="cancelled before it started")
-                        elif work.process is not None:
-                            work.process.terminate()
-                        continue
-                    self._update(work, save=True)
+                    self._beat(work)
                 except ServerError as exc:  # the store is down: try again on the next beat
                     log.warning(
                         "job heartbeat failed", extra={"job_id": work.job.job_id, "error": exc.message}
                     )
+                except Exception:  # never the end of the heartbeats of the other jobs
+                    log.exception("job heartbeat failed", extra={"job_id": work.job.job_id})
+            if time.monotonic() - pruned >= PRUNE_EVERY:
+                pruned = time.monotonic()
+                self._prune(None)
+
+    def _beat(self, work: _Work) -> None:
+        """Record the job (its heartbeat, or an outcome not recorded yet); act on a cancel request."""
+        with work.lock:
+            if not work.recorded:
+                self._record(work)
+        if work.cancelled.is_set():
+            with self._cond:
+                queued = self._queue.remove(work)
+            if queued:
+                self._end(work, "cancelled", error="cancelled before it started")
+        self._release(work)
 
     # records
 
     def _recover(self) -> None:
         """Mark the unfinished jobs of servers that stopped as failed (all of them for a single writer)."""
-        for record in self.store.list(None, 10_000):
+        for record in self.store.unfinished():
             job = Job.from_record(record)
-            if not job.final and (self.store.single_writer or _age(job.updated) > STALE_AFTER):
-                self._finish(job, "failed", error="the server running the job stopped before it finished")
+            if not job.final and (self.store.single_writer or _age(job.updated) > self.stale_after):
+                self._declare_failed(job)
+        self._prune(None)
 
     def _checked(self, job: Job) -> Job:
-        """`job`, or failed if its server stopped heartbeating it."""
-        if not job.final and job.owner != self.owner and _age(job.updated) > STALE_AFTER:
-            return self._finish(job, "failed", error="the server running the job stopped before it finished")
+        """`job`, or failed if its server stopped heartbeating it (unless its heartbeat lands first)."""
+        if not job.final and job.owner != self.owner and _age(job.updated) > self.stale_after:
+            return self._declare_failed(job)
         return job
+
+    def _declare_failed(self, job: Job) -> Job:
+        """Another server's job, failed if its record is still the one read; else the record as it is now."""
+        done = replace(job, state="failed", updated=_now(), finished=_now(), error=STOPPED)
+        stored = self.store.replace(done.to_record(), job.revision)
+        if stored is None:
+            current = self.store.get(job.tenant, job.job_id)
+            return job if current is None else Job.from_record(current)
+        self._ended(Job.from_record(stored))
+        return Job.from_record(stored)
 
     def _update(self, work: _Work, *, save: bool = False, **changes: Any) -> Job:
         """Change this server's job (recorded when `save`); nothing changes once it ended."""
@@ -362,36 +470,78 @@ class JobManager:
             if not work.ended:
                 work.job = replace(work.job, **changes)
                 if save:
-                    work.job = self._save(work.job)
+                    self._record(work)
             return work.job
 
     def _end(
         self, work: _Work, state: State, *, error: str | None = None, result: dict[str, Any] | None = None
     ) -> Job:
+        """End this server's job and record it (or keep the final record another server wrote first); if
+        the store is away, the heartbeat records it later."""
         with work.lock:
             if not work.ended:
                 work.ended = True
-                work.job = self._finish(work.job, state, error=error, result=result)
+                work.job = replace(work.job, state=state, finished=_now(), error=error, result=result)
+                try:
+                    self._record(work)
+                except ServerError as exc:
+                    extra = {"job_id": work.job.job_id, "error": exc.message}
+                    log.warning("job outcome not recorded yet", extra=extra)
             return work.job
 
-    def _save(self, job: Job) -> Job:
-        job = replace(job, updated=_now())
-        self.store.put(job.to_record())
-        return job
+    def _record(self, work: _Work) -> None:
+        """Write `work.job` by compare-and-set (under `work.lock`). The cancel request comes back with it;
+        a final record written first by another server wins: the job ends here too, with that record."""
+        for _ in range(3):
+            job = replace(work.job, updated=_now())
+            stored = self.store.replace(job.to_record(), job.revision)
+            if stored is not None:
+                work.job = Job.from_record(stored)
+                if work.job.final:
+                    work.recorded = True
+                    self._ended(work.job)
+                elif work.job.cancel_requested:
+                    self._stop(work)  # asked through another replica
+                return
+            current = self.store.get(job.tenant, job.job_id)
+            if current is None or current.get("finished") is not None:
+                gone = replace(job, state="failed", finished=_now(), error="the job's record was removed")
+                work.job = gone if current is None else Job.from_record(current)
+                work.ended = work.recorded = True
+                self._stop(work)
+                log.warning("training job ended by another server", extra=self._fields(work.job))
+                return
+            work.job = replace(work.job, revision=current.get("revision", 0))
+        log.warning("job record kept changing; retried on the next heartbeat", extra=self._fields(work.job))
 
-    def _finish(
-        self, job: Job, state: State, *, error: str | None = None, result: dict[str, Any] | None = None
-    ) -> Job:
-        done = replace(job, state=state, finished=_now(), error=error, result=result)
-        done = self._save(done)
-        self._count(state)
-        log.info("training job " + state, extra=self._fields(done) | ({"error": error} if error else {}))
-        return done
+    def _stop(self, work: _Work) -> None:
+        """End the job's worker process, if it has one (under `work.lock`)."""
+        work.cancelled.set()
+        if work.process is not None:
+            work.process.terminate()
 
-    def _wait_final(self, job_id: str, job: Job, timeout: float = 15.0) -> Job:
+    def _release(self, work: _Work) -> None:
+        with self._cond:
+            if work.recorded and not work.running:
+                self._active.pop(work.job.job_id, None)
+
+    def _ended(self, job: Job) -> None:
+        self._count(job.state)
+        extra = self._fields(job) | ({"error": job.error} if job.error else {})
+        log.info("training job " + job.state, extra=extra)
+        self._prune(job.tenant)
+
+    def _prune(self, tenant: str | None) -> None:
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.keep_seconds)
+        try:
+            self.store.prune(tenant, self.keep_finished, cutoff)
+        except ServerError as exc:  # pruned again when the next job ends
+            log.warning("finished jobs not pruned", extra={"tenant": tenant, "error": exc.message})
+
+    def _wait_final(self, tenant: str, job_id: str, job: Job, timeout: float = 15.0) -> Job:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            record = self.store.get(job_id)
+            record = self.store.get(tenant, job_id)
             if record is not None and record.get("state") in FINAL:
                 return Job.from_record(record)
             time.sleep(0.1)

@@ -189,7 +189,7 @@ def test_unfinished_jobs_of_a_crashed_server_are_marked_failed(tmp_path: Path) -
     stamp = "2026-01-01T00:00:00.000Z"
     for job_id, state in (("a" * 32, "running"), ("b" * 32, "queued"), ("c" * 32, "succeeded")):
         job = Job(job_id, "default", "t", state, stamp, stamp, "gone", 10, ["x", "y"], {})  # type: ignore[arg-type]
-        store.put(job.to_record())
+        store.create(job.to_record() | ({"finished": stamp} if state == "succeeded" else {}))
     catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(None))  # type: ignore[arg-type]
     manager = JobManager(store, catalog, tmp_path / "bank", "f" * 64)
     try:
@@ -218,9 +218,11 @@ def test_postgresql_job_store_is_shared_and_only_stale_jobs_are_failed(
     }
     for job_id, (tenant, state, beat) in records.items():
         job = Job(job_id, tenant, "t", state, beat, beat, "other-replica", 10, ["x", "y"], {})  # type: ignore[arg-type]
-        store.put(job.to_record())
-    assert PostgresJobStore(postgres_dsn, "postgresql://test").get("d" * 32) == store.get("d" * 32)
-    assert store.get("0" * 32) is None and store.get("not-a-job") is None
+        store.create(job.to_record())
+    other = PostgresJobStore(postgres_dsn, "postgresql://test")
+    assert other.get("team-a", "d" * 32) == store.get("team-a", "d" * 32) is not None
+    assert store.get("team-a", "0" * 32) is None and store.get("team-a", "not-a-job") is None
+    assert store.get("team-b", "d" * 32) is None  # another tenant's job
     catalog = TaskCatalog(DirectoryStore(tmp_path / "tasks"), TaskRegistry(None))  # type: ignore[arg-type]
     manager = JobManager(store, catalog, tmp_path / "bank", "f" * 64)
     try:
