@@ -13,6 +13,9 @@ from server.jobs import Job
 from server.openapi import error_responses
 from server.request_context import app_state, identify, stored_id_of
 from server.training_data import (
+    EPOCHS,
+    MAX_LENGTH,
+    SEED,
     TrainingOptions,
     TrainRequest,
     check_examples,
@@ -42,6 +45,7 @@ class JobView(BaseModel):
     result: dict[str, Any] | None = Field(
         description="on success: the task version published, validation accuracy, examples, seconds"
     )
+    cancel_requested: bool = Field(description="a cancel was asked (the job ends as soon as its server acts)")
 
 
 class JobList(BaseModel):
@@ -63,6 +67,7 @@ def _view(job: Job) -> JobView:
         options=job.options,
         error=job.error,
         result=job.result,
+        cancel_requested=job.cancel_requested,
     )
 
 
@@ -108,9 +113,13 @@ async def train_task(
     authorization: Annotated[str | None, Header()] = None,
     text_column: Annotated[str, Query(max_length=128, description="CSV: the text column")] = "text",
     label_column: Annotated[str, Query(max_length=128, description="CSV: the label column")] = "label",
-    epochs: Annotated[int | None, Query(description="overrides options.epochs")] = None,
-    max_length: Annotated[int | None, Query(description="overrides options.max_length")] = None,
-    seed: Annotated[int | None, Query(description="overrides options.seed")] = None,
+    epochs: Annotated[
+        int | None, Query(ge=EPOCHS[0], le=EPOCHS[1], description="overrides options.epochs")
+    ] = None,
+    max_length: Annotated[
+        int | None, Query(ge=MAX_LENGTH[0], le=MAX_LENGTH[1], description="overrides options.max_length")
+    ] = None,
+    seed: Annotated[int | None, Query(ge=SEED[0], le=SEED[1], description="overrides options.seed")] = None,
 ) -> JobView:
     """Train a task from labelled examples in the background (JSON `{"examples", "options"}`, or a CSV
     body with `text` and `label` columns); 202 with the job to follow at `/v1/jobs/{job_id}`. The task is
@@ -175,11 +184,15 @@ async def get_job(
     response_model=JobView,
     responses=error_responses(400, 401, 403, 404, 409, 429, 503),
     tags=["jobs"],
+    summary="Cancel a job",
 )
 async def cancel_job(
     job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> JobView:
-    """Cancel a queued or running job (409 `job_finished` once it ended)."""
+    """DELETE cancels the job; its record stays (listed, `cancelled`) until finished jobs are pruned. A
+    queued job is dropped at once; a running one has its worker ended, on whichever replica runs it, and
+    the answer waits for that (up to 15 s; if it is still `running` then, `cancel_requested` is true). A
+    cancelled job publishes nothing. 409 `job_finished` once the job ended."""
     identity = identify(request, authorization, "admin")
     runtime, _ = app_state(request).require()
     return _view(await run_in_threadpool(runtime.jobs.cancel, identity.tenant, job_id))

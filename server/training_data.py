@@ -1,11 +1,16 @@
 """What a training request may hold: labelled examples (JSON or CSV) and training options, checked up front.
 
 Everything a job could fail on that can be seen before it runs is refused here with a 400 naming the
-problem, so a queued job fails only for reasons of the training itself.
+problem, so a queued job fails only for reasons of the training itself. JSON is taken as it is (strict
+models): texts and labels are JSON strings, integers JSON integers, numbers JSON numbers; nothing is
+coerced (`true` is no label "1", `"1e-3"` no learning rate). A CSV header names each column once.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,30 +21,35 @@ from server.errors import BadInput
 
 MAX_CLASSES = 256
 MAX_LABEL_CHARS = 200
+# bounds of the options that can also be given as query parameters (job_routes.py)
+EPOCHS = (1, 50)
+MAX_LENGTH = (8, 512)
+SEED = (0, 2**31 - 1)
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class Example(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     text: str = Field(min_length=1, description="the input text")
-    label: str | int = Field(description="its class (strings or integers; integers are used as text)")
+    label: str = Field(description="its class name")
 
 
 class TrainingOptions(BaseModel):
     """Training options (the server's defaults when omitted)."""
 
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(default=5, ge=1, le=50)
+    model_config = STRICT
+    epochs: int = Field(default=5, ge=EPOCHS[0], le=EPOCHS[1])
     batch_size: int = Field(default=32, ge=1, le=256)
     lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the coefficients")
     head_lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the classifier head")
-    max_length: int = Field(default=64, ge=8, le=512, description="tokens per text")
+    max_length: int = Field(default=64, ge=MAX_LENGTH[0], le=MAX_LENGTH[1], description="tokens per text")
     val_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="share held out for validation")
     patience: int = Field(default=2, ge=1, le=50, description="epochs without improvement before stopping")
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=0, ge=SEED[0], le=SEED[1])
 
 
 class TrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     examples: list[Example] = Field(min_length=1, description="labelled examples, at least 2 per class")
     options: TrainingOptions = Field(default_factory=TrainingOptions)
 
@@ -64,7 +74,7 @@ def from_json(body: bytes) -> tuple[LabelledTexts, TrainingOptions]:
     except ValidationError as exc:
         raise BadInput(f"invalid training request: {_problems(exc)}") from None
     texts = tuple(e.text for e in request.examples)
-    labels = tuple(str(e.label).strip() for e in request.examples)
+    labels = tuple(e.label.strip() for e in request.examples)
     return LabelledTexts(texts, labels), request.options
 
 
@@ -73,6 +83,14 @@ def from_csv(body: bytes, text_column: str, label_column: str) -> LabelledTexts:
         content = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BadInput(f"the CSV is not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        header = next(csv.reader(io.StringIO(content, newline="")), [])
+    except csv.Error:
+        header = []  # malformed: parse_labelled says where
+    twice = [name for name, n in Counter(header).items() if n > 1]
+    if twice:
+        names = ", ".join(repr(name) for name in twice)
+        raise BadInput(f"the CSV header names column(s) {names} more than once; the header is {header}")
     try:
         return parse_labelled(content, "csv", "CSV", text_column, label_column)
     except DataError as exc:

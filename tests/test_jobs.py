@@ -133,6 +133,26 @@ def test_bad_training_requests_are_refused_up_front(bank_dir: Path, tmp_path: Pa
             415,
             "unsupported_media_type",
         )
+        # strict JSON (nothing coerced), one name per CSV column, bounded query options
+        coerced = [*examples, {"text": "x", "label": True}]
+        assert "examples.40.label" in refused({"json": {"examples": coerced}})[2]
+        assert "options.lr" in refused({"json": {"examples": examples, "options": {"lr": "1e-3"}}})[2]
+        csv_body = b"text,text,label\n" + b"".join(b"a,b,%d\n" % (i % 2) for i in range(8))
+        status, _, message = refused({"content": csv_body}, {"Content-Type": "text/csv"})
+        assert status == 400 and "'text'" in message and "more than once" in message
+        for name, bad in (("epochs", 0), ("epochs", 51), ("max_length", 4), ("seed", -1), ("seed", 2**31)):
+            status, kind, message = refused({"json": {"examples": examples}}, params={name: bad})
+            assert (status, kind) == (400, "bad_input") and name in message
+        assert refused({"json": {"examples": examples}}, params={"epochs": "true"})[:2] == (400, "bad_input")
+        openapi = http.get("/openapi.json").json()
+        train = openapi["paths"]["/v1/tasks/{task_id}/train"]["post"]
+        bounds = {p["name"]: json.dumps(p["schema"]) for p in train["parameters"] if p["in"] == "query"}
+        assert '"minimum": 1' in bounds["epochs"] and '"maximum": 50' in bounds["epochs"]
+        assert '"minimum": 8' in bounds["max_length"] and '"maximum": 512' in bounds["max_length"]
+        assert '"minimum": 0' in bounds["seed"] and f'"maximum": {2**31 - 1}' in bounds["seed"]
+        cancel = openapi["paths"]["/v1/jobs/{job_id}"]["delete"]
+        assert cancel["summary"] == "Cancel a job" and "cancel" in cancel["description"].lower()
+
         no_key = http.post("/v1/tasks/t/train", json={"examples": examples})
         assert no_key.status_code == 401
         assert http.get("/v1/jobs/" + "0" * 32, headers=ADMIN).json()["error_type"] == "unknown_job"
