@@ -13,10 +13,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -87,11 +89,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=state.metrics,
         )
         batcher.start()
+        # gauges of state owned elsewhere, read whenever the metrics are scraped
+        state.metrics.store_up.set_function(lambda: 1.0 if runtime.store.healthy else 0.0)
+        state.metrics.jobs_queued.set_function(lambda: float(runtime.jobs.queued))
+        exporter = _metrics_port(settings, state.metrics)
         state.runtime, state.batcher, state.ready = runtime, batcher, True
         try:
             yield
         finally:
             state.ready = False
+            if exporter is not None:
+                exporter.shutdown()
             await batcher.stop()
             await asyncio.to_thread(runtime.close)
             log.info("server stopped")
@@ -115,6 +123,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=max_body)
     _install_request_middleware(app, state.metrics)
     return app
+
+
+def _metrics_port(settings: Settings, metrics: Metrics) -> WSGIServer | None:
+    """/metrics also on RECAST_METRICS_PORT (Prometheus scrapes it apart from the API), if set."""
+    if settings.metrics_port is None:
+        return None
+    server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    log.info("metrics served", extra={"host": settings.host, "port": settings.metrics_port})
+    return server
 
 
 def _error_response(error: ServerError, request_id: str | None = None) -> JSONResponse:

@@ -334,8 +334,5 @@ async def readyz(
 @router.get("/metrics", tags=["server"], response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     state = app_state(request)
-    if state.runtime is not None:
-        # gauges of state owned elsewhere, read when scraped
-        state.metrics.store_up.set(1 if state.runtime.store.healthy else 0)
-        state.metrics.jobs_queued.set(state.runtime.jobs.queued)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    text = await run_in_threadpool(generate_latest, state.metrics.registry)  # off the event loop
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

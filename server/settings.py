@@ -16,6 +16,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="also serve /metrics on this port, apart from the API"
+    )
     bank: Path = Field(
         default=DEFAULT_HOME / "bank", description="template bank directory (built here if missing)"
     )

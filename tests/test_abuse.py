@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import task_artifact
+from server_harness import free_port, task_artifact
 
 from benchmarks.server import rss_mib, server_process
 from recast_core.bank import TemplateBank
@@ -35,6 +35,7 @@ class Live:
     pid: int
     keys: dict[str, str]  # a_admin, b_admin, c_admin, anonymous: ""
     bank: TemplateBank
+    metrics_port: int
 
     def auth(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[who]}"} if self.keys.get(who) else {}
@@ -58,9 +59,10 @@ def live(
         "RECAST_ANONYMOUS_RATE_LIMIT_PER_S": "5",
         "RECAST_ANONYMOUS_RATE_LIMIT_BURST": "20",
         "RECAST_THREADS": "1",
+        "RECAST_METRICS_PORT": str(free_port()),
     }
     with server_process(bank_dir, work / "tasks", work / "server.log", timeout=600, env=env) as server:
-        found = Live(server["url"], server["pid"], keys, default_bank)
+        found = Live(server["url"], server["pid"], keys, default_bank, int(env["RECAST_METRICS_PORT"]))
         with httpx.Client(base_url=found.url, timeout=60) as http:
             for who in ("a_admin", "b_admin", "c_admin"):
                 data = task_artifact(default_bank, len(who) + ord(who[0])).to_bytes()
@@ -265,3 +267,10 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(live: Live) -> N
         assert time.monotonic() - start < 5
     assert httpx.get(f"{live.url}/healthz", timeout=10).status_code == 200
     assert rss_mib(live.pid) > 0
+
+
+def test_metrics_are_served_on_their_own_port_too(live: Live) -> None:
+    own = httpx.get(f"http://127.0.0.1:{live.metrics_port}/metrics", timeout=30)
+    assert own.status_code == 200 and "recast_requests_total" in own.text
+    assert "recast_store_up 1.0" in own.text  # gauges of other state are read when scraped, on either port
+    assert "recast_store_up 1.0" in httpx.get(f"{live.url}/metrics", timeout=30).text
