@@ -99,6 +99,32 @@ def test_torch_is_the_pinned_version_from_the_right_wheel_index(dockerfile: Dock
     assert installs == [["pip", "install", f"torch=={_pin('torch')}", "--index-url", index]]
 
 
+# the triton each CUDA build of torch requires (its wheel's Requires-Dist: triton==...; PyTorch's release
+# notes pin the same); a torch upgrade must add its pair here, so the pair the image ships stays checked
+TRITON_OF_CUDA_TORCH = {"2.13.0": "3.7.1"}
+
+
+def _extra_pin(extra: str, package: str) -> str:
+    pins = [d for d in PYPROJECT["project"]["optional-dependencies"][extra] if d.startswith(f"{package}==")]
+    assert len(pins) == 1, f"pyproject.toml's [{extra}] extra must pin {package} exactly once"
+    return str(pins[0]).split("==", 1)[1]
+
+
+def test_the_gpu_image_ships_the_triton_its_torch_requires_and_the_tests_use() -> None:
+    gpu = parse_dockerfile(DOCKERFILES["gpu"])
+    args = gpu.stage("builder").args()
+    torch_version, triton_version = args["TORCH_VERSION"], args["TRITON_VERSION"]
+    assert torch_version == _pin("torch")
+    assert triton_version == TRITON_OF_CUDA_TORCH[torch_version], "CUDA torch needs another triton"
+    assert triton_version == _extra_pin("triton", "triton"), "the tests run another triton than ships"
+    commands = [argv for run in gpu.stage("builder").all("RUN") for argv in shell_commands(run.args, args)]
+    assert ["pip", "install", f"triton=={triton_version}"] in commands
+    assert ["pip", "install", "/src[triton]"] in commands
+    cpu = parse_dockerfile(DOCKERFILES["cpu"])
+    cpu_commands = [argv for run in cpu.stage("builder").all("RUN") for argv in shell_commands(run.args, {})]
+    assert not any("triton" in " ".join(argv) for argv in cpu_commands), "the CPU image needs no triton"
+
+
 def test_copy_sources_exist_and_are_in_the_build_context(dockerfile: Dockerfile) -> None:
     ignore = (ROOT / ".dockerignore").read_text()
     seen_stages: list[str] = []
@@ -189,8 +215,11 @@ def test_run_commands_are_real(dockerfile: Dockerfile) -> None:
                 elif argv[0] in ("python", "python3.11"):
                     assert argv[1:3] == ["-m", "venv"], f"{where}: {argv}"
                 elif argv[:2] == ["pip", "install"] and argv[2].startswith("/"):
-                    # the project itself: a directory the stage copied pyproject.toml into
-                    assert argv[2] == workdir, f"{where}: pip install {argv[2]} outside WORKDIR {workdir}"
+                    # the project itself (with extras of pyproject.toml): a directory holding pyproject.toml
+                    target, _, extras = argv[2].partition("[")
+                    assert target == workdir, f"{where}: pip install {argv[2]} outside WORKDIR {workdir}"
+                    optional = PYPROJECT["project"]["optional-dependencies"]
+                    assert all(e in optional for e in extras.rstrip("]").split(",") if e), where
                     assert any("pyproject.toml" in c.args for c in stage.all("COPY")), where
 
 
