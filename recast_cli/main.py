@@ -225,16 +225,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             ("port", args.port),
             ("bank", args.bank),
             ("store", args.store),
+            ("device", args.device),
+            ("dtype", args.dtype),
         )
         if value is not None
     }
     if args.preload:
         overrides["preload"] = ",".join(args.preload)
+    from kernels.dispatch import KernelUnavailable
+    from recast_core.device import DeviceError
     from server.keys import KeysFileError
+    from server.runtime import serving_device
 
     try:
         settings = Settings(**overrides)
+        serving_device(settings)  # an unusable device or dtype is a one-line error before anything loads
         app = create_app(settings)
+    except (DeviceError, KernelUnavailable) as exc:
+        raise UsageError(str(exc)) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"bad setting: {problems}") from None
@@ -368,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000, RECAST_PORT)")
     p.add_argument("--bank", type=Path, help="template bank directory, built there if missing (RECAST_BANK)")
     p.add_argument("--store", help="task store: a directory or a postgresql:// DSN (RECAST_STORE)")
+    p.add_argument(
+        "--device", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available; RECAST_DEVICE)"
+    )
+    p.add_argument(
+        "--dtype",
+        help="auto, float32, float16 or bfloat16 (auto: bf16 or fp16 on CUDA, fp32 on CPU; RECAST_DTYPE)",
+    )
     p.add_argument(
         "--preload",
         action="append",

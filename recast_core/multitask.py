@@ -5,7 +5,10 @@ coefficients of the task each sequence belongs to, through the kernel path chose
                                                            coefficients (S, M, n), cache_keys)
 
 Sequences are sorted by task on entry (rows of one task are then contiguous in every layer, one segment
-layout serves all layers) and put back in input order on exit.
+layout serves all layers) and put back in input order on exit. The encoder lives on `kernels.device` in
+`dtype` (templates, biases, norms, embeddings); per forward the only host -> device traffic is the token
+ids, the attention mask, the (S, M, n) coefficient table and the routing indices, copied from pinned
+memory without blocking. The routing is computed on the host, so no layer waits for the device.
 """
 
 from __future__ import annotations
@@ -107,8 +110,15 @@ class SlotLinear(nn.Module):
 class MultiTaskEncoder(nn.Module):
     """A private copy of the backbone whose planned Linears serve any mix of tasks in one forward."""
 
-    def __init__(self, backbone: TextBackbone, bank: TemplateBank, kernels: Kernels) -> None:
+    def __init__(
+        self,
+        backbone: TextBackbone,
+        bank: TemplateBank,
+        kernels: Kernels,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
+        self.device, self.dtype = kernels.device, dtype
         model = copy.deepcopy(backbone.model)
         plan = matching_plan(model, bank)
         self.router = _Router(kernels)
@@ -129,6 +139,7 @@ class MultiTaskEncoder(nn.Module):
                 module_index += 1
         for param in model.parameters():
             param.requires_grad_(False)
+        model.to(device=self.device, dtype=dtype)
         self.encoder = SentenceEncoder(model).eval()
         self.num_modules = module_index
         self.num_templates = bank.num_templates
@@ -156,18 +167,30 @@ class MultiTaskEncoder(nn.Module):
         slots = task_of_sequence.to(torch.int64)
         if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= coefficients.shape[0]):
             raise ValueError(f"task_of_sequence values must lie in [0, {coefficients.shape[0]})")
+        slots = slots.cpu()
         order = torch.sort(slots, stable=True).indices
         sorted_slots = slots[order]
-
+        segments = segments_of(sorted_slots)  # on the host: no layer waits for the device to route
         batch = _Batch(
-            table=coefficients.to(torch.float32).permute(1, 0, 2).contiguous(),
-            sequence_slots=sorted_slots,
-            sequence_segments=segments_of(sorted_slots),
+            table=self._to_device(coefficients.to(torch.float32).permute(1, 0, 2).contiguous()),
+            sequence_slots=self._to_device(sorted_slots),
+            sequence_segments=Segments(
+                None, self._to_device(segments.starts), self._to_device(segments.slots)
+            ),
             keys=cache_keys,
         )
+        ids = self._to_device(input_ids.cpu()[order])
+        mask = self._to_device(attention_mask.cpu()[order])
         self.router.batch = batch
         try:
-            embeddings = self.encoder(input_ids[order], attention_mask[order])
+            embeddings = self.encoder(ids, mask)
         finally:
             self.router.batch = None
+        order = self._to_device(order)
         return torch.empty_like(embeddings).index_copy_(0, order, embeddings)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the encoder's device: pinned and copied without blocking on CUDA."""
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)

@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = Batcher(
             runtime.predictor.predict,
             max_batch_texts=settings.max_batch_texts,
+            max_batch_tokens=settings.max_batch_tokens,
             max_wait=settings.max_wait_ms / 1000,
             max_queue_texts=settings.max_queue_texts,
             metrics=state.metrics,

@@ -2,7 +2,9 @@
 
     outputs = await batcher.submit(request)      (awaited by the request handler)
 
-A batch closes when it holds `max_batch_texts` texts or its oldest request has waited `max_wait` seconds.
+A batch closes when it holds `max_batch_texts` texts, or `max_batch_tokens` tokens counted after padding
+(texts x the longest text, for requests tokenized at the edge), or its oldest request has waited
+`max_wait` seconds.
 One forward runs at a time, in a worker thread, while the next batch fills.
 
 Fair sharing between tenants:
@@ -33,11 +35,11 @@ from dataclasses import dataclass
 
 from server.errors import NotReady, Overloaded, ServerError
 from server.metrics import Metrics
-from server.predictor import Output, TaskRequest
+from server.predictor import Output, Result, TaskRequest
 from server.task_ids import split_stored_id
 
 log = logging.getLogger(__name__)
-Result = list[Output] | BaseException  # one request's answer: its outputs, or the error it alone caused
+__all__ = ["Batcher", "Forward", "Result"]
 Forward = Callable[[Sequence[TaskRequest]], list[Result]]
 QUEUE_HARD_CAP = 2  # the whole queue never exceeds this many times max_queue_texts
 
@@ -53,6 +55,14 @@ class _Pending:
     def texts(self) -> int:
         return len(self.request.texts)
 
+    @property
+    def longest(self) -> int:
+        return self.request.longest or 0
+
+    @property
+    def tokens(self) -> int:
+        return self.texts * self.longest
+
 
 class Batcher:
     def __init__(
@@ -62,14 +72,17 @@ class Batcher:
         max_batch_texts: int,
         max_wait: float,
         max_queue_texts: int,
+        max_batch_tokens: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.forward = forward
         self.max_batch_texts, self.max_wait, self.max_queue_texts = max_batch_texts, max_wait, max_queue_texts
+        self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self._queues: dict[str, deque[_Pending]] = {}  # tenant -> its waiting requests, oldest first
         self._tenant_texts: dict[str, int] = {}  # tenant -> texts it has waiting
         self._pending_texts = 0
+        self._pending_tokens = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="recast-forward")
         self._task: asyncio.Task[None] | None = None
@@ -112,6 +125,7 @@ class Batcher:
         self._queues.setdefault(tenant, deque()).append(_Pending(request, tenant, future, time.monotonic()))
         self._tenant_texts[tenant] = self._tenant_texts.get(tenant, 0) + texts
         self._pending_texts += texts
+        self._pending_tokens += texts * (request.longest or 0)
         self._gauge()
         self._wakeup.set()
         return await future
@@ -151,6 +165,7 @@ class Batcher:
             while (
                 not self._closed
                 and self._pending_texts < self.max_batch_texts
+                and (self.max_batch_tokens is None or self._pending_tokens < self.max_batch_tokens)
                 and (left := deadline - time.monotonic()) > 0
             ):
                 try:
@@ -168,21 +183,27 @@ class Batcher:
         return min(queue[0].enqueued for queue in self._queues.values())
 
     def _take(self) -> list[_Pending]:
-        """Whole requests, round-robin over tenants (oldest first each round), up to max_batch_texts."""
+        """Whole requests, round-robin over tenants (oldest first each round), within the batch's text and
+        padded-token budgets (the first request always: one larger than a budget still runs, alone)."""
         self._drop_abandoned()
         batch: list[_Pending] = []
-        texts = 0
+        texts = longest = 0
+        budget = self.max_batch_tokens
         while self._queues:
             progressed = False
             for tenant in sorted(self._queues, key=lambda t: self._queues[t][0].enqueued):
                 queue = self._queues[tenant]
                 head = queue[0]
-                if batch and texts + head.texts > self.max_batch_texts:
+                widest = max(longest, head.longest)
+                if batch and (
+                    texts + head.texts > self.max_batch_texts
+                    or (budget is not None and (texts + head.texts) * widest > budget)
+                ):
                     continue
                 queue.popleft()
                 self._unqueue(head)
                 batch.append(head)
-                texts += head.texts
+                texts, longest = texts + head.texts, widest
                 progressed = True
             if not progressed or texts >= self.max_batch_texts:
                 break
@@ -201,6 +222,7 @@ class Batcher:
 
     def _unqueue(self, pending: _Pending) -> None:
         self._pending_texts -= pending.texts
+        self._pending_tokens -= pending.tokens
         left = self._tenant_texts.get(pending.tenant, 0) - pending.texts
         if left > 0:
             self._tenant_texts[pending.tenant] = left
@@ -214,7 +236,7 @@ class Batcher:
         pending = [p for queue in self._queues.values() for p in queue]
         self._queues.clear()
         self._tenant_texts.clear()
-        self._pending_texts = 0
+        self._pending_texts = self._pending_tokens = 0
         self._gauge()
         return pending
 

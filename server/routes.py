@@ -13,6 +13,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from recast_core.device import dtype_name
 from server.errors import (
     BadInput,
     NotReady,
@@ -261,8 +262,9 @@ async def predict(
     head = registry.heads.cached(entry.digest)
     if head is None:  # evicted under the memory budget: read back from the store, off the event loop
         entry, head = await run_in_threadpool(registry.resolve, stored_id)
+    tokens = await run_in_threadpool(runtime.predictor.encode, body.inputs)  # at the edge, off the loop
     try:
-        work = TaskRequest(entry, head, body.inputs)
+        work = TaskRequest(entry, head, body.inputs, tokens)
         outputs = await asyncio.wait_for(batcher.submit(work), settings.request_timeout_s)
     except TimeoutError:
         raise NotReady(
@@ -292,6 +294,8 @@ async def backbone(request: Request, authorization: Annotated[str | None, Header
             "bytes": bank.nbytes(),
         },
         "kernel": {"path": runtime.kernels.path.value, "detail": runtime.kernels.detail},
+        "device": str(runtime.device),
+        "dtype": dtype_name(runtime.dtype),
         "store": runtime.store.kind,
         "tasks": tasks,
     }

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from kernels import Kernels
+from kernels.dispatch import select_path
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import BANK_FILE, TemplateBank, load_bank, write_report
 from recast_core.config import minilm_config
+from recast_core.device import DeviceError, dtype_name, resolve_device, resolve_dtype
 from recast_core.errors import BankError
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
@@ -41,6 +43,8 @@ class Runtime:
     settings: Settings
     backbone: TextBackbone
     bank: TemplateBank
+    device: torch.device
+    dtype: torch.dtype
     kernels: Kernels
     predictor: Predictor
     registry: TaskRegistry
@@ -106,15 +110,35 @@ def _preload(catalog: TaskCatalog, task_id: str, path: Path) -> None:
     log.info("task preloaded", extra={"task_id": task_id, "version": entry.version, "artifact": str(path)})
 
 
+def serving_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the settings ask for, checked with the kernel path (DeviceError or
+    KernelUnavailable, both naming what cannot be used); cheap: nothing is loaded."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    select_path(device, settings.kernel)
+    return device, dtype
+
+
 def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     start = time.perf_counter()
+    device, dtype = serving_device(settings)
     backbone = load_text_backbone()
     bank = load_or_build_bank(settings.bank, backbone)
-    kernels = Kernels("cpu", path=settings.kernel)
-    metrics.kernel.info({"path": kernels.path.value, "detail": kernels.detail})
-    predictor = Predictor(backbone, bank, kernels, max_length=settings.max_length)
+    kernels = Kernels(device, path=settings.kernel)
+    metrics.kernel.info(
+        {
+            "path": kernels.path.value,
+            "detail": kernels.detail,
+            "device": str(device),
+            "dtype": dtype_name(dtype),
+        }
+    )
+    try:
+        predictor = Predictor(backbone, bank, kernels, max_length=settings.max_length, dtype=dtype)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise DeviceError(f"device {device}: out of memory placing the model and bank: {exc}") from None
     registry = TaskRegistry(
         artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes, backbone.embedding_bound()),
         HeadCache(settings.head_cache_bytes),
@@ -139,6 +163,8 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             threads=settings.train_threads,
             nice=settings.train_nice,
             idle_priority=settings.train_idle_priority,
+            keep_finished=settings.job_keep_finished,
+            keep_seconds=settings.job_keep_days * 86_400,
             metrics=metrics,
         )
         predictor.warm_up()
@@ -157,11 +183,25 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             "backbone": backbone.name,
             "bank_fingerprint": bank.fingerprint,
             "kernel_path": kernels.path.value,
+            "device": str(device),
+            "dtype": dtype_name(dtype),
             "store": store.kind,
             "tasks": len(registry),
             "seconds": round(time.perf_counter() - start, 2),
         },
     )
     return Runtime(
-        settings, backbone, bank, kernels, predictor, registry, store, catalog, metrics, job_store, jobs
+        settings,
+        backbone,
+        bank,
+        device,
+        dtype,
+        kernels,
+        predictor,
+        registry,
+        store,
+        catalog,
+        metrics,
+        job_store,
+        jobs,
     )

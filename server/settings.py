@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_HOME = Path.home() / ".local" / "share" / "recast-serve"
 
 
@@ -49,11 +51,22 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="seconds a connection may take to send a request's headers"
     )
+    device: str = Field(
+        default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N: where the model serves"
+    )
+    dtype: str = Field(
+        default="auto",
+        description="auto (bfloat16 on CUDA devices that support it, else float16 there; float32 on CPU), "
+        "float32, float16 or bfloat16: the serving dtype (kernels accumulate in float32)",
+    )
     kernel: str | None = Field(default=None, description="force a kernel path: reference, torch or triton")
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's choice)"
     )
     max_batch_texts: int = Field(default=64, ge=1, le=4096, description="texts per batched forward")
+    max_batch_tokens: int = Field(
+        default=4096, ge=8, description="tokens per batched forward, counted after padding"
+    )
     max_wait_ms: float = Field(default=5.0, ge=0, le=1000, description="how long a batch waits to fill up")
     max_queue_texts: int = Field(
         default=2048, ge=1, description="texts waiting beyond which requests get 429"
@@ -75,6 +88,8 @@ class Settings(BaseSettings):
     train_idle_priority: bool = Field(
         default=True, description="training processes run only on CPU time serving leaves idle (SCHED_IDLE)"
     )
+    job_keep_finished: int = Field(default=200, ge=1, description="finished training jobs kept per tenant")
+    job_keep_days: float = Field(default=7.0, gt=0, description="days a finished training job is kept")
     max_train_examples: int = Field(default=20_000, ge=4, description="labelled examples per training job")
     preload: str = Field(
         default="",
@@ -98,6 +113,22 @@ class Settings(BaseSettings):
             task_id, sep, path = item.partition("=")
             if not sep or not task_id.strip() or not path.strip():
                 raise ValueError(f"preload entries are TASK_ID=ARTIFACT, got {item!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,2})?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value[:40]!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_name(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value[:40]!r}")
         return value
 
     @field_validator("store")

@@ -1,0 +1,58 @@
+"""Device and dtype settings: validated words, resolved to what this machine can serve, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from recast_core.device import DeviceError, resolve_device, resolve_dtype
+from server.predictor import MIN_GROUP, length_groups
+from server.settings import Settings
+
+
+def test_settings_refuse_unknown_devices_and_dtypes() -> None:
+    with pytest.raises(ValidationError, match="device must be auto, cpu, cuda or cuda:N"):
+        Settings(device="tpu")
+    with pytest.raises(ValidationError, match="dtype must be one of"):
+        Settings(dtype="float64")
+    assert Settings(device=" CUDA:1 ", dtype="BFloat16").device == "cuda:1"
+
+
+def test_auto_resolves_to_what_the_machine_has() -> None:
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(DeviceError, match="float16 on the CPU"):
+        resolve_dtype("float16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_start_up_error(tmp_path: object) -> None:
+    with pytest.raises(DeviceError, match="device cuda: CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="device cuda:1: CUDA is not available"):
+        resolve_device("cuda:1")
+    done = subprocess.run(
+        [sys.executable, "-m", "recast_cli.main", "serve", "--device", "cuda", "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device cuda: CUDA is not available" in lines[0], done.stderr
+
+
+def test_length_groups_cut_where_padding_is_saved() -> None:
+    short, long = [8] * 20, [64] * 20
+    groups = length_groups(short + long)
+    assert [sorted(g) for g in groups] == [list(range(20)), list(range(20, 40))]
+    assert length_groups([10, 11, 12] * 10) == [sorted(range(30), key=lambda i: [10, 11, 12][i % 3])]
+    few = length_groups([4] * (MIN_GROUP - 1) + [64] * 30)  # too few short texts for a group of their own
+    assert len(few) == 1
+    assert sorted(i for g in length_groups(list(range(1, 100))) for i in g) == list(range(99))
