@@ -78,3 +78,15 @@ def test_soak_briefly_has_no_errors_and_reports_every_window(bank_dir: Path, tmp
     section = doc.read_text()
     assert "<!-- soak:begin -->" in section and "<!-- soak:end -->" in section
     assert "python -m benchmarks.soak --minutes 0.4 --tasks 60" in section and "| 3 |" in section
+
+
+def test_the_gpu_benchmark_says_so_and_succeeds_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host runs the benchmark for real")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no CUDA device")
