@@ -14,10 +14,10 @@ reads the record back and answers with it; an owner whose write loses to a final
 publishes nothing and keeps that record. A cancel through another replica is a separate flag that the
 owner's writes return to it (heartbeat or progress save, so within `heartbeat` seconds) and never clear.
 
-Fair sharing: a tenant holds at most max(1, max_queued // 2) of the `max_queued` waiting places, and a free
-runner starts the tenant with the fewest running jobs, then the one that started a job least recently.
-Retention: finished jobs are kept `keep_seconds` (7 days) and at most `keep_finished` (200, the longest
-listing) per tenant, the most recently finished; pruned when a job of the tenant ends and every 10 minutes.
+Fair sharing and retention (server/job_queue.py): a tenant holds at most max(1, max_queued // 2) of the
+`max_queued` waiting places, and a free runner starts the tenant with the fewest running jobs, then the one
+that started a job least recently; finished jobs are kept `keep_seconds` (7 days) and at most
+`keep_finished` (200) per tenant, pruned when a job of the tenant ends and every 10 minutes.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from recast_core.data import LabelledTexts
 from server.catalog import TaskCatalog
 from server.errors import JobFinished, Overloaded, ServerError, UnknownJob
+from server.job_queue import KEEP_FINISHED, KEEP_SECONDS, PRUNE_EVERY, FairJobQueue, prune_finished
 from server.metrics import Metrics
 from server.stores.jobs import JobStore
 from server.task_ids import qualify
@@ -49,9 +50,6 @@ FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 HEARTBEAT = 2.0  # seconds between heartbeats of a server's unfinished jobs
 STALE_AFTER = 30.0  # an unfinished job without a heartbeat this long lost its server
 SAVE_EVERY = 1.0  # seconds between recorded progress updates
-KEEP_FINISHED = 200  # finished jobs kept per tenant (the longest listing)
-KEEP_SECONDS = 7 * 86400.0  # and for at most this long
-PRUNE_EVERY = 600.0  # seconds between prunes of every tenant's finished jobs
 STOPPED = "the server running the job stopped before it finished"
 
 
@@ -113,57 +111,6 @@ class _Work:
     running: bool = False  # a runner thread holds it
 
 
-class _Queue:
-    """Waiting jobs per tenant: a tenant holds at most `share` of the `limit` places; `pop` starts the
-    tenant with the fewest running jobs, then the least recently started, then the oldest waiting job."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.share = limit, max(1, limit // 2)
-        self._waiting: dict[str, deque[_Work]] = {}
-        self._started: dict[str, int] = {}
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
-
-    def refusal(self, tenant: str) -> str | None:
-        """Why a job of `tenant` cannot wait now, or None."""
-        if len(self) >= self.limit:
-            return f"{len(self)} training jobs are already waiting; retry later"
-        if len(self._waiting.get(tenant, ())) >= self.share:
-            return f"this tenant has {self.share} training jobs waiting, its share of the queue; retry later"
-        return None
-
-    def push(self, work: _Work) -> None:
-        self._seq += 1
-        work.seq = self._seq
-        self._waiting.setdefault(work.job.tenant, deque()).append(work)
-
-    def remove(self, work: _Work) -> bool:
-        waiting = self._waiting.get(work.job.tenant)
-        if waiting is None or work not in waiting:
-            return False
-        waiting.remove(work)
-        if not waiting:
-            del self._waiting[work.job.tenant]
-        return True
-
-    def pop(self, running: Counter[str]) -> _Work:
-        tenant = min(
-            self._waiting, key=lambda t: (running[t], self._started.get(t, 0), self._waiting[t][0].seq)
-        )
-        work = self._waiting[tenant][0]
-        self.remove(work)
-        self._seq += 1
-        self._started[tenant] = self._seq
-        return work
-
-    def drain(self) -> list[_Work]:
-        works = sorted((w for q in self._waiting.values() for w in q), key=lambda w: w.seq)
-        self._waiting.clear()
-        return works
-
-
 class JobManager:
     def __init__(
         self,
@@ -190,7 +137,7 @@ class JobManager:
         self.worker, self.heartbeat, self.stale_after = worker, heartbeat, stale_after
         self.keep_finished, self.keep_seconds = keep_finished, keep_seconds
         self.owner = uuid.uuid4().hex[:12]
-        self._queue = _Queue(max_queued)
+        self._queue: FairJobQueue[_Work] = FairJobQueue(max_queued)
         self._active: dict[str, _Work] = {}  # queued and running jobs of this server
         self._running: Counter[str] = Counter()  # running jobs per tenant
         self._cond = threading.Condition()
@@ -532,11 +479,7 @@ class JobManager:
         self._prune(job.tenant)
 
     def _prune(self, tenant: str | None) -> None:
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.keep_seconds)
-        try:
-            self.store.prune(tenant, self.keep_finished, cutoff)
-        except ServerError as exc:  # pruned again when the next job ends
-            log.warning("finished jobs not pruned", extra={"tenant": tenant, "error": exc.message})
+        prune_finished(self.store, tenant, self.keep_finished, self.keep_seconds)
 
     def _wait_final(self, tenant: str, job_id: str, job: Job, timeout: float = 15.0) -> Job:
         deadline = time.monotonic() + timeout
