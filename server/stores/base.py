@@ -3,6 +3,9 @@
 Versions are assigned by the store and never reused for a task id: every upload and every delete takes the
 next number (a delete leaves a tombstone holding its version). Replicas therefore agree on which of two
 changes is newer, and a registry can always keep the newest one it has seen, whatever order changes arrive.
+
+Start-up reads `read_index()`: every task's summary (server/stores/index.py), which stores keep next to the
+artifacts at write time, so a million tasks load without parsing a million artifacts.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from server.stores.index import IndexBuilder, Summary, TaskIndex, row_of
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,15 @@ class TaskStore(ABC):
     kind: str = ""
 
     @abstractmethod
-    def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
+    def put(
+        self, task_id: str, data: bytes, *, if_match: int | None = None, summary: Summary | None = None
+    ) -> StoredTask:
         """Store `data` as the task's next version, durably, before returning it.
 
         if_match: only if the task's live version is exactly this (0: the task must not exist);
         otherwise server.errors.VersionConflict. A failure leaves the previous version intact.
+        summary: of `data` (server.stores.index.summary_of), when the caller has parsed it already;
+        otherwise the store parses `data` for its index (bytes that are no artifact are indexed unreadable).
         """
 
     @abstractmethod
@@ -59,7 +70,17 @@ class TaskStore(ABC):
 
     @abstractmethod
     def scan(self) -> Iterator[StoredTask]:
-        """Every task's newest version, tombstones included, in no particular order (start-up, resync)."""
+        """Every task's newest version, tombstones included, in no particular order."""
+
+    def read_index(self, progress: bool = False) -> TaskIndex:
+        """Every task's newest version as an index row, tombstones included (start-up, resync).
+
+        Rows of stored ids that are not valid ids are left out. This fallback parses every artifact;
+        stores keep an index instead."""
+        builder = IndexBuilder()
+        for stored in tqdm(self.scan(), desc="indexing tasks", unit="task", disable=not progress):
+            builder.add(row_of(stored.task_id, stored.version, stored.updated, stored.data))
+        return builder.build()
 
     @property
     def healthy(self) -> bool:

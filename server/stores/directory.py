@@ -2,10 +2,13 @@
 
     <root>/<task_id>/<version:012d>.safetensors   a live version (the artifact bytes as uploaded)
     <root>/<task_id>/<version:012d>.deleted       a tombstone (empty file)
+    <root>/.index/                                every task's summary (server/stores/journal.py)
 
 A write goes to a temp file in the task's directory, is fsynced, renamed into place and the directory is
 fsynced; only then are older versions removed. A crash at any point leaves the previous version (or the new
 one) whole: readers take the highest complete version and ignore temp files, which the next start removes.
+Every write records the task's index row first (journaled, fsynced), so start-up reads one index instead
+of every artifact. A version file's mtime is its `updated` time (milliseconds), in the index as well.
 One process owns a directory (it holds an exclusive lock on `<root>/.lock`); replicas use PostgreSQL.
 """
 
@@ -16,13 +19,17 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from recast_core.files import write_atomic
 from server.errors import StoreError, UnknownTask, VersionConflict
+from server.stores import index as task_index
 from server.stores.base import StoredTask, TaskStore
+from server.stores.index import IndexRow, Summary, TaskIndex, row_of
+from server.stores.journal import StoreIndex
 from server.task_ids import check_stored_id, is_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
@@ -49,9 +56,15 @@ class DirectoryStore(TaskStore):
             ) from None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._remove_temp_files()
+        try:
+            self._index = StoreIndex(root, _Disk(self))
+        except BaseException:
+            self.close()
+            raise
 
-    def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
+    def put(
+        self, task_id: str, data: bytes, *, if_match: int | None = None, summary: Summary | None = None
+    ) -> StoredTask:
         check_stored_id(task_id)
         with self._task_lock(task_id):
             current = self._newest(task_id)
@@ -61,8 +74,16 @@ class DirectoryStore(TaskStore):
                     f"task {split_stored_id(task_id)[1]!r} is at version {live}, not {if_match}"
                 )
             version = 1 if current is None else current[0] + 1
-            path = self._write(task_id, version, LIVE, data)
-            return StoredTask(task_id, version, data, _mtime(path))
+            updated_ns = time.time_ns() // 1_000_000 * 1_000_000
+            updated = _iso(updated_ns)
+            row = (
+                row_of(task_id, version, updated, data)
+                if summary is None
+                else IndexRow(task_id, version, updated, task_index.LIVE, summary)
+            )
+            with self._index.writing(row):
+                self._write(task_id, version, LIVE, data, updated_ns)
+            return StoredTask(task_id, version, data, updated)
 
     def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
         check_stored_id(task_id)
@@ -74,8 +95,12 @@ class DirectoryStore(TaskStore):
                 raise VersionConflict(
                     f"task {split_stored_id(task_id)[1]!r} is at version {current[0]}, not {if_match}"
                 )
-            path = self._write(task_id, current[0] + 1, TOMBSTONE, b"")
-            return StoredTask(task_id, current[0] + 1, None, _mtime(path))
+            version = current[0] + 1
+            updated_ns = time.time_ns() // 1_000_000 * 1_000_000
+            updated = _iso(updated_ns)
+            with self._index.writing(IndexRow(task_id, version, updated, task_index.TOMBSTONE)):
+                self._write(task_id, version, TOMBSTONE, b"", updated_ns)
+            return StoredTask(task_id, version, None, updated)
 
     def get(self, task_id: str) -> StoredTask | None:
         check_stored_id(task_id)
@@ -94,7 +119,13 @@ class DirectoryStore(TaskStore):
             if stored is not None:
                 yield stored
 
+    def read_index(self, progress: bool = False) -> TaskIndex:
+        return self._index.read(progress)
+
     def close(self) -> None:
+        index = getattr(self, "_index", None)
+        if index is not None:
+            index.close()
         if not self._lock_file.closed:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
             self._lock_file.close()
@@ -134,12 +165,13 @@ class DirectoryStore(TaskStore):
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from None
 
-    def _write(self, task_id: str, version: int, suffix: str, data: bytes) -> Path:
+    def _write(self, task_id: str, version: int, suffix: str, data: bytes, mtime_ns: int) -> Path:
         directory = self.root / task_id
         target = directory / f"{version:012d}{suffix}"
         try:
             directory.mkdir(exist_ok=True)
             write_atomic(target, data)
+            os.utime(target, ns=(mtime_ns, mtime_ns))
             _fsync_dir(directory)
             _fsync_dir(self.root)
         except OSError as exc:
@@ -156,9 +188,45 @@ class DirectoryStore(TaskStore):
             log.warning("could not remove superseded versions", extra={"task_id": task_id, "error": str(exc)})
         return target
 
-    def _remove_temp_files(self) -> None:
-        for tmp in self.root.glob("*/.*.tmp"):
-            tmp.unlink(missing_ok=True)
+
+class _Disk:
+    """The store's files as the index sees them (server.stores.journal.Disk); takes no task locks (the
+    index calls it while no write is in flight, or from within the write of that very task)."""
+
+    def __init__(self, store: DirectoryStore) -> None:
+        self.store, self.root = store, store.root
+
+    def task_names(self) -> list[str]:
+        try:
+            with os.scandir(self.root) as entries:
+                return [e.name for e in entries if e.name[0] != "." and e.is_dir() and is_stored_id(e.name)]
+        except OSError as exc:
+            raise StoreError(f"cannot list task store {self.root}: {exc}") from None
+
+    def newest(self, task_id: str) -> tuple[int, int, int] | None:
+        directory = self.root / task_id
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(directory):
+                if name.startswith(".") and name.endswith(".tmp"):  # of a write interrupted by a crash
+                    (directory / name).unlink(missing_ok=True)
+        newest = self.store._newest(task_id)
+        if newest is None:
+            return None
+        version, suffix = newest
+        if suffix == TOMBSTONE:
+            return (version, task_index.TOMBSTONE, 0)
+        try:
+            return (version, task_index.LIVE, os.stat(directory / f"{version:012d}{suffix}").st_size)
+        except FileNotFoundError:
+            return None
+
+    def row(self, task_id: str) -> IndexRow | None:
+        stored = self.store._read(task_id)
+        return None if stored is None else row_of(task_id, stored.version, stored.updated, stored.data)
+
+    def remove_if_empty(self, task_id: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root / task_id)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -170,4 +238,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _mtime(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="milliseconds")
+    return _iso(path.stat().st_mtime_ns)
+
+
+def _iso(ns: int) -> str:
+    """A time in nanoseconds as ISO 8601 UTC, to the millisecond (exactly: no float rounding)."""
+    ms = ns // 1_000_000
+    return (
+        datetime.fromtimestamp(ms // 1000, UTC)
+        .replace(microsecond=ms % 1000 * 1000)
+        .isoformat(timespec="milliseconds")
+    )

@@ -7,8 +7,14 @@ replicas starting together do not race):
         task_id text PRIMARY KEY,
         version bigint NOT NULL,             -- assigned here, +1 per put or delete, never reused
         data    bytea,                       -- the artifact bytes; NULL is a tombstone
-        updated timestamptz NOT NULL DEFAULT now()
+        updated timestamptz NOT NULL DEFAULT now(),
+        ...                                  -- the summary columns (server/stores/pg_index.py)
     )
+
+Tables of earlier versions get the summary columns added (`ADD COLUMN IF NOT EXISTS`); their rows are
+summarized from their data by the first `read_index`, which otherwise reads the summary columns only.
+Rows whose task_id is not a valid stored id (written by hand or by something else) are skipped by scans
+and by the index, with a warning: one such row must not stop start-up or make resyncs fail forever.
 
 One row per task holds its newest version: a put upserts the row with `version = version + 1` and a delete
 sets `data = NULL` the same way, so a row, once created, is never removed and versions continue after a
@@ -19,7 +25,8 @@ Notifications: in the transaction of every successful put or delete, `pg_notify(
 the JSON payload `{"task_id": str, "version": int, "deleted": bool}`; PostgreSQL delivers it on commit. A
 watcher LISTENs on its own connection and hands each payload to `on_change`; after a lost connection it
 reconnects (backoff 0.1 s doubling to 2 s), LISTENs again and calls `on_resync`, since changes made while
-it was away were not delivered. A store hears its own changes too; the catalog ignores versions it has.
+it was away were not delivered; a resync that fails is retried with backoff (0.5 s doubling to 30 s).
+A store hears its own changes too; the catalog ignores versions it has.
 `healthy` (readiness) is True while the watcher is listening and has caught up (its last resync worked);
 False before `watch`, from a lost connection until the resync after reconnecting, and after `close`.
 
@@ -34,6 +41,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,9 +49,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from tqdm import tqdm
 
 from server.errors import StoreError, UnknownTask, VersionConflict
+from server.stores import pg_index
 from server.stores.base import Change, StoredTask, TaskStore
+from server.stores.index import IndexBuilder, IndexRow, Summary, TaskIndex
 from server.task_ids import check_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
@@ -54,6 +65,8 @@ MAX_IDLE = 4  # idle connections kept for reuse
 SCAN_BATCH = 256  # rows fetched per round trip by scan
 BACKOFF_START, BACKOFF_MAX = 0.1, 2.0  # seconds between the watcher's reconnection attempts
 POLL = 0.5  # seconds the watcher waits for notifications before checking whether to stop
+RESYNC_BACKOFF_MAX = 30.0  # seconds between attempts of a resync that keeps failing
+BACKFILL_BATCH = 500  # rows summarized per UPDATE round trip
 
 _CREATE = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -65,14 +78,14 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 # put with if_match None or 0: create the row, or take the next version (if_match 0: only over a tombstone)
 _UPSERT = """
-INSERT INTO {table} AS t (task_id, version, data) VALUES (%(task_id)s, 1, %(data)b)
-ON CONFLICT (task_id) DO UPDATE SET version = t.version + 1, data = excluded.data, updated = now()
+INSERT INTO {table} AS t (task_id, version, data, {names}) VALUES (%(task_id)s, 1, %(data)b, {values})
+ON CONFLICT (task_id) DO UPDATE SET version = t.version + 1, data = excluded.data, updated = now(), {excluded}
     WHERE %(if_match)s::bigint IS NULL OR t.data IS NULL
 RETURNING version, updated
 """
 # put with if_match > 0, and delete (data NULL): only over a live version (if_match: exactly that one)
 _UPDATE = """
-UPDATE {table} AS t SET version = t.version + 1, data = %(data)b, updated = now()
+UPDATE {table} AS t SET version = t.version + 1, data = %(data)b, updated = now(), {assign}
 WHERE t.task_id = %(task_id)s AND t.data IS NOT NULL
     AND (%(if_match)s::bigint IS NULL OR t.version = %(if_match)s::bigint)
 RETURNING version, updated
@@ -97,9 +110,20 @@ class PostgresStore(TaskStore):
         self._secrets = _passwords(dsn)
         self.table, self.channel = table, channel
         self._connect_timeout = connect_timeout
+        name = sql.Identifier(table)
+        columns = {
+            "names": pg_index.INSERT_NAMES,
+            "values": pg_index.INSERT_VALUES,
+            "excluded": pg_index.ASSIGN_EXCLUDED,
+            "assign": pg_index.ASSIGN,
+        }
         self._sql = {
-            name: sql.SQL(text).format(table=sql.Identifier(table))
-            for name, text in (("upsert", _UPSERT), ("update", _UPDATE), ("get", _GET), ("scan", _SCAN))
+            "upsert": sql.SQL(_UPSERT).format(table=name, **columns),
+            "update": sql.SQL(_UPDATE).format(table=name, **columns),
+            "get": sql.SQL(_GET).format(table=name),
+            "scan": sql.SQL(_SCAN).format(table=name),
+            "index": pg_index.select(name),
+            "backfill": pg_index.backfill(name),
         }
         self._idle: list[Connection] = []
         self._lock = threading.Lock()  # guards _idle, _table_ready, _closed, _watcher
@@ -112,11 +136,14 @@ class PostgresStore(TaskStore):
 
     # the interface
 
-    def put(self, task_id: str, data: bytes, *, if_match: int | None = None) -> StoredTask:
+    def put(
+        self, task_id: str, data: bytes, *, if_match: int | None = None, summary: Summary | None = None
+    ) -> StoredTask:
         check_stored_id(task_id)
         statement = self._sql["upsert" if if_match in (None, 0) else "update"]
+        params = {"task_id": task_id, "data": data, "if_match": if_match} | pg_index.params(data, summary)
         with self._transaction() as conn:
-            row = conn.execute(statement, {"task_id": task_id, "data": data, "if_match": if_match}).fetchone()
+            row = conn.execute(statement, params).fetchone()
             if row is None:
                 live = self._live_version(conn, task_id)
                 raise VersionConflict(
@@ -128,7 +155,7 @@ class PostgresStore(TaskStore):
     def delete(self, task_id: str, *, if_match: int | None = None) -> StoredTask:
         check_stored_id(task_id)
         with self._transaction() as conn:
-            params = {"task_id": task_id, "data": None, "if_match": if_match}
+            params = {"task_id": task_id, "data": None, "if_match": if_match} | pg_index.params(None, None)
             row = conn.execute(self._sql["update"], params).fetchone()
             if row is None:
                 live = self._live_version(conn, task_id)
@@ -147,11 +174,47 @@ class PostgresStore(TaskStore):
         return None if row is None else StoredTask(task_id, row[0], _bytes(row[1]), _iso(row[2]))
 
     def scan(self) -> Iterator[StoredTask]:
+        skipped = pg_index.InvalidIds()
         with self._transaction() as conn, conn.cursor(name="recast_scan", binary=True) as cursor:
             cursor.itersize = SCAN_BATCH  # a server-side cursor: only one batch of rows in memory at a time
             cursor.execute(self._sql["scan"])
             for task_id, version, data, updated in cursor:
+                if skipped.invalid(task_id):
+                    continue
                 yield StoredTask(task_id, version, _bytes(data), _iso(updated))
+        skipped.report(self.table)
+
+    def read_index(self, progress: bool = False) -> TaskIndex:
+        """The summary columns of every row (not the artifacts); rows without them are summarized from
+        their data and the columns filled in."""
+        builder, backfill, skipped = IndexBuilder(), [], pg_index.InvalidIds()
+        with self._transaction() as conn, conn.cursor(name="recast_index", binary=True) as cursor:
+            cursor.itersize = 4 * SCAN_BATCH
+            cursor.execute(self._sql["index"])
+            for record in tqdm(
+                cursor, desc="loading tasks", unit="task", disable=not progress, mininterval=2
+            ):
+                if skipped.invalid(record[0]):
+                    continue
+                row, unsummarized = pg_index.row_from(record, _iso(record[2]))
+                builder.add(row)
+                if unsummarized:
+                    backfill.append(row)
+        skipped.report(self.table)
+        if backfill:
+            self._backfill(backfill)
+        return builder.build()
+
+    def _backfill(self, rows: list[IndexRow]) -> None:
+        """Fill the summary columns of rows that had none (each only if still at the version summarized)."""
+        for start in range(0, len(rows), BACKFILL_BATCH):
+            batch = rows[start : start + BACKFILL_BATCH]
+            params = [{"task_id": r.task_id, "version": r.version} | pg_index.row_params(r) for r in batch]
+            with self._transaction() as conn, conn.cursor() as cursor:
+                cursor.executemany(self._sql["backfill"], params)
+        log.info(
+            "task summaries filled in from the artifacts", extra={"store": self.safe_dsn, "rows": len(rows)}
+        )
 
     @property
     def healthy(self) -> bool:
@@ -249,6 +312,7 @@ class PostgresStore(TaskStore):
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"recast_tasks_create:{self.table}",))
             conn.execute(sql.SQL(_CREATE).format(table=sql.Identifier(self.table)))
+            conn.execute(pg_index.add_columns(sql.Identifier(self.table)))
         with self._lock:
             self._table_ready = True
         log.info("task table ready", extra={"store": self.safe_dsn, "table": self.table})
@@ -293,6 +357,7 @@ class PostgresStore(TaskStore):
     def _watch(self, on_change: Callable[[Change], None], on_resync: Callable[[], None]) -> None:
         delay = BACKOFF_START
         missed = False  # True once changes may have gone unheard: on_resync after the next LISTEN
+        resync_at, resync_delay = 0.0, POLL  # a failing resync (full scan) is retried with backoff
         while not self._stopping.is_set():
             try:
                 conn = self._connect()
@@ -314,8 +379,10 @@ class PostgresStore(TaskStore):
                         "watching the task store", extra={"store": self.safe_dsn, "channel": self.channel}
                     )
                     while not self._stopping.is_set():
-                        if missed:  # changes may have gone unheard (or unapplied): rescan until it works
-                            missed = not _call(on_resync)
+                        if missed and time.monotonic() >= resync_at:  # changes may have gone unheard (or
+                            missed = not _call(on_resync)  # unapplied): rescan until it works
+                            resync_at = time.monotonic() + resync_delay if missed else 0.0
+                            resync_delay = min(2 * resync_delay, RESYNC_BACKOFF_MAX) if missed else POLL
                         self._caught_up = not missed
                         for notify in conn.notifies(timeout=POLL):
                             change = _parse(notify.payload)
