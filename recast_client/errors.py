@@ -116,6 +116,12 @@ class StoreUnavailable(Retryable):
     error_type = "store_unavailable"
 
 
+class TaskUnavailable(Retryable):
+    """The task's stored artifact failed verification; it answers again once a new version is uploaded."""
+
+    error_type = "task_unavailable"
+
+
 class ServerFailure(RecastClientError):
     """A 5xx the vocabulary does not name (a bug on the server)."""
 
@@ -138,6 +144,7 @@ BY_TYPE: dict[str, type[RecastClientError]] = {
         PayloadTooLarge,
         UnsupportedMediaType,
         InvalidArtifact,
+        TaskUnavailable,
         Overloaded,
         RateLimited,
         NotReady,
