@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_tasks import TINY_SPEC, tiny_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import TaskArtifact
 from server.batcher import Batcher, Result
 from server.catalog import TaskCatalog
 from server.errors import Overloaded, ServerError
@@ -20,19 +20,12 @@ from server.predictor import Output, TaskRequest
 from server.registry import TaskEntry, TaskRegistry
 from server.stores.directory import DirectoryStore
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = TINY_SPEC
 POISON = "\ud800"
 
 
 def _artifact(seed: int) -> TaskArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskArtifact(
-        coefficients=torch.randn(4, 2, generator=gen),
-        head_weight=torch.randn(2, 8, generator=gen),
-        head_bias=torch.randn(2, generator=gen),
-        labels=("no", "yes"),
-        bank_fingerprint=SPEC.bank_fingerprint,
-    )
+    return tiny_artifact(seed, labels=("no", "yes"))
 
 
 @pytest.fixture

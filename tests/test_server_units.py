@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
+from tiny_tasks import TINY_SPEC, tiny_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import TaskArtifact
 from server.batcher import Batcher
 from server.catalog import TaskCatalog
 from server.errors import NotReady, Overloaded, ServerError
@@ -22,18 +22,11 @@ from server.runtime import _preload
 from server.settings import Settings
 from server.stores.directory import DirectoryStore
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = TINY_SPEC
 
 
 def _artifact(seed: int) -> TaskArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskArtifact(
-        coefficients=torch.randn(4, 2, generator=gen),
-        head_weight=torch.randn(2, 8, generator=gen),
-        head_bias=torch.randn(2, generator=gen),
-        labels=("no", "yes"),
-        bank_fingerprint=SPEC.bank_fingerprint,
-    )
+    return tiny_artifact(seed, labels=("no", "yes"))
 
 
 def test_settings_refuse_unsafe_or_contradictory_auth(tmp_path: Path) -> None:
