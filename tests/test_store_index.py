@@ -121,10 +121,11 @@ def test_a_corrupt_truncated_or_missing_index_is_rebuilt(
         records = bytearray(path.read_bytes())
         records[12] ^= 0xFF
         path.write_bytes(bytes(records))
+    (root / "task-5" / ".000000000002.safetensors.x.tmp").write_bytes(b"of a write cut short")
     caplog.set_level(logging.WARNING)
     store = DirectoryStore(root)
     assert _rows(store.read_index()) == _scanned(store)
-    assert _rebuilt(caplog)
+    assert _rebuilt(caplog) and not list(root.glob("*/.*.tmp")), "a rebuild removes temp files too"
     store.close()
     caplog.clear()
     store = DirectoryStore(root)  # and the rebuilt index is trusted again

@@ -205,10 +205,7 @@ class _Disk:
 
     def newest(self, task_id: str) -> tuple[int, int, int] | None:
         directory = self.root / task_id
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for name in os.listdir(directory):
-                if name.startswith(".") and name.endswith(".tmp"):  # of a write interrupted by a crash
-                    (directory / name).unlink(missing_ok=True)
+        self._remove_temp_files(directory)
         newest = self.store._newest(task_id)
         if newest is None:
             return None
@@ -221,12 +218,21 @@ class _Disk:
             return None
 
     def row(self, task_id: str) -> IndexRow | None:
+        self._remove_temp_files(self.root / task_id)
         stored = self.store._read(task_id)
         return None if stored is None else row_of(task_id, stored.version, stored.updated, stored.data)
 
     def remove_if_empty(self, task_id: str) -> None:
         with contextlib.suppress(OSError):
             os.rmdir(self.root / task_id)
+
+    @staticmethod
+    def _remove_temp_files(directory: Path) -> None:
+        """Temp files of writes interrupted by a crash (the index names every task that may have one)."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(directory):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    (directory / name).unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

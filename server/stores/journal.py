@@ -246,10 +246,12 @@ class StoreIndex:
         if differ:
             rows_of = {task_id: index.row(n) for n, task_id in enumerate(index.ids) if task_id in differ}
             fixes = [fix for t in sorted(differ) if (fix := self._check(t, rows_of.get(t))) is not None]
-            log.warning(
-                "fixing index rows of task directories changed behind its back", extra={"tasks": len(fixes)}
-            )
-            index = merge(index, fixes)
+            if fixes:
+                log.warning(
+                    "fixing index rows of task directories changed behind its back",
+                    extra={"tasks": len(fixes)},
+                )
+                index = merge(index, fixes)
         if rows or fixes:
             self._start_generation(self._journal + 1, index)
         return index
@@ -292,6 +294,9 @@ class StoreIndex:
         """`index` (the state up to journal `generation`) becomes the snapshot; older journals go."""
         tmp = write_temp(self.directory / SNAPSHOT, index.to_chunks(generation))
         with self._files:
+            if generation <= self._generation:  # a newer snapshot was published meanwhile
+                os.unlink(tmp)
+                return
             os.replace(tmp, self.directory / SNAPSHOT)
             fsync_dir(self.directory)
             for path in self.directory.glob(f"{JOURNAL}*"):
@@ -375,6 +380,7 @@ class StoreIndex:
     def _maybe_compact(self) -> None:
         with self._lock:
             due = self._fd >= 0 and self._records > max(COMPACT_MIN_RECORDS, self._snapshot_rows // 4)
+            due = due and self._verified  # the first read may write a snapshot of its own
             if not due or (self._compactor is not None and self._compactor.is_alive()):
                 return
             self._compactor = threading.Thread(
