@@ -96,7 +96,7 @@ METADATA_VALUES: dict[str, st.SearchStrategy[str]] = {
 @st.composite
 def tensor_change(draw: st.DrawFn, base: Base, sample: Sample) -> None:
     key = draw(st.sampled_from([*KEYS, "extra"]))
-    kind = draw(st.sampled_from(["shape", "dtype", "non_finite", "huge", "drop", "add"]))
+    kind = draw(st.sampled_from(["shape", "shape", "dtype", "non_finite", "huge", "drop", "add"]))
     tensors = base.tensors
     if kind == "drop":
         tensors.pop(key, None)

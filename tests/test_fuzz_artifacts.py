@@ -40,7 +40,9 @@ PROBE = ["Who wrote Hamlet?", "free entry in a weekly prize draw", "ok see you a
 ARTIFACT_ERRORS: list[type[ArtifactError]] = [ArtifactError, *ArtifactError.__subclasses__()]
 REASONS = {cls.error_type for cls in ARTIFACT_ERRORS}
 STORED = re.compile(r"[0-9]{12}\.(safetensors|deleted)")
+INDEX_FILE = re.compile(r"journal-[0-9]+|snapshot")  # the task index (server/stores/journal.py)
 SETTINGS = settings(
+    settings.get_profile("default"),  # not whatever profile another test module loaded: same samples always
     derandomize=True,
     database=None,
     deadline=timedelta(seconds=20),
@@ -68,6 +70,7 @@ UNIT_ARTIFACT = TaskArtifact(
     labels=("negative", "positive"),
     bank_fingerprint=FINGERPRINT,
     training={"seed": 0},
+    created="2026-01-01T00:00:00+00:00",  # fixed: the samples (and what they reach) must not vary by clock
 )
 UNIT_SPEC = ArtifactSpec(FINGERPRINT, num_slots=24, num_templates=2, hidden_size=384, max_bytes=MAX_UPLOAD)
 UNIT_OUTCOMES: Counter[str] = Counter()
@@ -255,7 +258,13 @@ def test_the_server_rejects_corrupt_uploads_with_typed_4xx_and_keeps_serving(
         assert server.http.get(f"/v1/tasks/{task_id}").json() == before.detail
     assert server.http.get("/readyz").status_code == 200
     stored = {path.relative_to(server.store) for path in server.store.rglob("*") if path.is_file()}
-    stray = [p for p in stored if p.name != ".lock" and not STORED.fullmatch(p.name)]
+    stray = [
+        p
+        for p in stored
+        if p.name != ".lock"
+        and not STORED.fullmatch(p.name)
+        and not (p.parts[0] == ".index" and INDEX_FILE.fullmatch(p.name))
+    ]
     assert not stray, f"partial or stray files in the store: {stray}"
     for task_id in server.bystanders:
         assert [p.name for p in stored if p.parent.name == task_id] == [f"{1:012d}.safetensors"]
