@@ -8,6 +8,7 @@ tasks it was not sent to unchanged and keep no partial or rejected file in its s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from artifact_mutations import MAX_UPLOAD, Base, Sample, corrupt_artifacts
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from safetensors.numpy import save as st_save
 from server_harness import serving, task_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
+from recast_core.artifact import CHECKSUM_KEY, ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.bank import TemplateBank
 from recast_core.errors import ArtifactCorrupt, ArtifactError, ArtifactMetadataError
 from server.openapi import error_types
@@ -76,7 +78,51 @@ UNIT_SPEC = ArtifactSpec(FINGERPRINT, num_slots=24, num_templates=2, hidden_size
 UNIT_OUTCOMES: Counter[str] = Counter()
 
 
+def _targeted(tensors: dict[str, np.ndarray] | None = None, checksum: bool = True, **metadata: str) -> Sample:
+    """UNIT_ARTIFACT with some tensors or metadata replaced (its checksum kept consistent unless asked)."""
+    base = Base.of(UNIT_ARTIFACT)
+    base.tensors |= tensors or {}
+    base.metadata |= metadata
+    data = st_save(base.tensors, metadata=base.metadata)
+    if checksum:
+        (length,) = struct.unpack("<Q", data[:8])
+        base.metadata[CHECKSUM_KEY] = hashlib.sha256(data[8 + length :]).hexdigest()
+        data = st_save(base.tensors, metadata=base.metadata)
+    return Sample(data, ["targeted"])
+
+
+def _targeted_samples() -> list[Sample]:
+    """One sample per check, run before the generated ones: every check is reached whatever the
+    generator draws (the generated samples then explore around them)."""
+    coefficients = UNIT_ARTIFACT.coefficients.numpy().copy()
+    with_nan, huge = coefficients.copy(), UNIT_ARTIFACT.head_weight.numpy().copy()
+    with_nan[0, 0], huge[0, 0] = np.nan, 3e38
+    valid = UNIT_ARTIFACT.to_bytes()
+    flipped = bytearray(valid)
+    flipped[-3] ^= 0x01
+    return [
+        _targeted({"coefficients": np.zeros((24, 3), np.float32)}),
+        _targeted(labels=json.dumps(["a", "b", "c"])),
+        _targeted(bank_fingerprint="cd" * 32),
+        _targeted({"coefficients": with_nan}),
+        _targeted({"head.weight": huge}),
+        _targeted({"coefficients": coefficients.astype(np.float16)}),
+        _targeted({"extra": np.zeros(3, np.float32)}),
+        _targeted(schema_version="9"),
+        Sample(bytes(flipped), ["targeted"]),
+        Sample(valid + bytes(MAX_UPLOAD), ["targeted"]),
+        Sample(valid[:-10], ["targeted"]),
+    ]
+
+
+def _with_targeted_examples(test: Any) -> Any:
+    for sample in _targeted_samples():
+        test = example(sample=sample)(test)
+    return test
+
+
 @settings(SETTINGS, max_examples=600)
+@_with_targeted_examples
 @given(sample=corrupt_artifacts(UNIT_ARTIFACT))
 def test_the_parser_accepts_a_valid_artifact_or_raises_its_typed_error(sample: Sample) -> None:
     try:
