@@ -8,7 +8,7 @@ deleted meanwhile) raises Superseded; the caller then serves the task's current 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,11 +26,25 @@ class Superseded(Exception):
 
 
 class HeadCache(ByteBudgetLRU[Head]):
-    """digest -> head, evicted least-recently-used beyond `max_bytes`; `load(entry)` fills misses."""
+    """digest -> head, evicted least-recently-used beyond `max_bytes`; `load(entry)` fills misses.
 
-    def __init__(self, max_bytes: int, load: Callable[[TaskEntry], Head] | None = None) -> None:
+    Heads are kept on the serving `device` in the serving `dtype` (converted as they are put), so a batch
+    reads its heads where its embeddings are; `max_bytes` counts them as stored."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        load: Callable[[TaskEntry], Head] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__(max_bytes, _nbytes)
         self.load = load
+        self.device, self.dtype = torch.device(device), dtype
+
+    def put(self, key: Hashable, value: Head) -> None:
+        weight, bias = value
+        super().put(key, (weight.to(self.device, self.dtype), bias.to(self.device, self.dtype)))
 
     def cached(self, digest: str) -> Head | None:
         return self.get(digest)

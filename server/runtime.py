@@ -141,7 +141,7 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         raise DeviceError(f"device {device}: out of memory placing the model and bank: {exc}") from None
     registry = TaskRegistry(
         artifact_spec(bank, backbone.hidden_size, settings.max_upload_bytes, backbone.embedding_bound()),
-        HeadCache(settings.head_cache_bytes),
+        HeadCache(settings.head_cache_bytes, device=device, dtype=dtype),
     )
     store = open_store(settings.store)
     job_store: JobStore | None = None

@@ -56,3 +56,33 @@ def test_length_groups_cut_where_padding_is_saved() -> None:
     few = length_groups([4] * (MIN_GROUP - 1) + [64] * 30)  # too few short texts for a group of their own
     assert len(few) == 1
     assert sorted(i for g in length_groups(list(range(1, 100))) for i in g) == list(range(99))
+
+
+def test_heads_are_kept_in_the_serving_dtype_on_the_serving_device() -> None:
+    from server.heads import HeadCache
+
+    cache = HeadCache(1 << 20, device="cpu", dtype=torch.bfloat16)
+    cache.put("digest", (torch.randn(3, 8), torch.randn(3)))
+    head = cache.get("digest")
+    assert head is not None and all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in head)
+    assert cache.nbytes == (3 * 8 + 3) * 2
+
+
+def test_a_bfloat16_predictor_on_the_cpu_agrees_with_float32(backbone: object, default_bank: object) -> None:
+    from server_harness import task_artifact
+
+    from kernels import Kernels
+    from server.predictor import Predictor, TaskRequest
+    from server.registry import TaskEntry
+    from server.stores.base import StoredTask
+
+    artifact = task_artifact(default_bank, 3, labels=("a", "b", "c"))  # type: ignore[arg-type]
+    entry = TaskEntry.of(StoredTask("t", 1, artifact.to_bytes(), "now"), artifact, "t")
+    texts = ["Who wrote Hamlet?", "free entry in a weekly prize draw", "see you at five"]
+    probs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        predictor = Predictor(backbone, default_bank, Kernels("cpu"), max_length=32, dtype=dtype)  # type: ignore[arg-type]
+        head = (artifact.head_weight.to(dtype), artifact.head_bias.to(dtype))
+        probs[dtype] = predictor.probabilities([TaskRequest(entry, head, texts)])[0]
+    assert torch.equal(probs[torch.float32].argmax(1), probs[torch.bfloat16].argmax(1))
+    assert float((probs[torch.float32] - probs[torch.bfloat16]).abs().max()) < 0.05
