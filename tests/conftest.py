@@ -6,7 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from recast_core.bank import TemplateBank
 from recast_core.config import minilm_config
 from recast_core.datasets import Splits, load_splits
 from recast_core.mimicry import MimicryResult, mimic
+from server.stores.postgres import PostgresStore
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +61,19 @@ def postgres_cluster() -> Iterator[PgCluster]:
 @pytest.fixture(scope="session")
 def postgres_dsn(postgres_cluster: PgCluster) -> str:
     return postgres_cluster.dsn
+
+
+@pytest.fixture
+def make_store(postgres_dsn: str) -> Iterator[Callable[[], PostgresStore]]:
+    """PostgreSQL stores on one fresh table and channel (like replicas of one deployment), closed at the
+    end."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    stores: list[PostgresStore] = []
+
+    def make() -> PostgresStore:
+        stores.append(PostgresStore(postgres_dsn, table=name, channel=name, connect_timeout=2))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        store.close()

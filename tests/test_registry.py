@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_tasks import TINY_SPEC, tiny_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import TaskArtifact
 from server.catalog import TaskCatalog
 from server.errors import ArtifactRejected, InvalidTaskId, StoreError, UnknownTask, VersionConflict
 from server.heads import HeadCache, Superseded
@@ -18,18 +19,11 @@ from server.registry import TaskRegistry, check_task_id
 from server.stores.base import StoredTask
 from server.stores.directory import DirectoryStore
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = TINY_SPEC
 
 
 def _artifact(seed: int = 0, fingerprint: str = SPEC.bank_fingerprint) -> TaskArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskArtifact(
-        coefficients=torch.randn(4, 2, generator=gen),
-        head_weight=torch.randn(3, 8, generator=gen),
-        head_bias=torch.randn(3, generator=gen),
-        labels=("a", "b", "c"),
-        bank_fingerprint=fingerprint,
-    )
+    return tiny_artifact(seed, fingerprint=fingerprint)
 
 
 def _catalog(tmp_path: Path) -> TaskCatalog:

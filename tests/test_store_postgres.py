@@ -8,8 +8,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -22,21 +21,6 @@ from server.stores.postgres import PostgresStore, redact_dsn
 ISO_UTC_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
 
 MakeStore = Callable[[], PostgresStore]
-
-
-@pytest.fixture
-def make_store(postgres_dsn: str) -> Iterator[MakeStore]:
-    """Stores on one fresh table and channel (like replicas of one deployment), closed at the end."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    stores: list[PostgresStore] = []
-
-    def make() -> PostgresStore:
-        stores.append(PostgresStore(postgres_dsn, table=name, channel=name, connect_timeout=2))
-        return stores[-1]
-
-    yield make
-    for store in stores:
-        store.close()
 
 
 class Recorder:

@@ -5,47 +5,25 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
 import torch
+from tiny_tasks import TINY_SPEC, tiny_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import TaskArtifact
 from server.catalog import TaskCatalog
 from server.registry import TaskRegistry
 from server.stores.postgres import PostgresStore
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = TINY_SPEC
 
 MakeStore = Callable[[], PostgresStore]
 
 
-@pytest.fixture
-def make_store(postgres_dsn: str) -> Iterator[MakeStore]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    stores: list[PostgresStore] = []
-
-    def make() -> PostgresStore:
-        stores.append(PostgresStore(postgres_dsn, table=name, channel=name, connect_timeout=2))
-        return stores[-1]
-
-    yield make
-    for store in stores:
-        store.close()
-
-
 def _artifact(seed: int) -> TaskArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskArtifact(
-        coefficients=torch.randn(4, 2, generator=gen),
-        head_weight=torch.randn(3, 8, generator=gen),
-        head_bias=torch.randn(3, generator=gen),
-        labels=("a", "b", "c"),
-        bank_fingerprint=SPEC.bank_fingerprint,
-        training={"seed": seed},
-    )
+    return tiny_artifact(seed, training={"seed": seed})
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:

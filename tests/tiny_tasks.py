@@ -11,7 +11,10 @@ TINY_SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=
 
 
 def tiny_artifact(
-    seed: int = 0, labels: tuple[str, ...] = ("a", "b", "c"), fingerprint: str = TINY_SPEC.bank_fingerprint
+    seed: int = 0,
+    labels: tuple[str, ...] = ("a", "b", "c"),
+    fingerprint: str = TINY_SPEC.bank_fingerprint,
+    training: dict[str, object] | None = None,
 ) -> TaskArtifact:
     """A valid artifact for TINY_SPEC with random values drawn from `seed`."""
     gen = torch.Generator().manual_seed(seed)
@@ -21,4 +24,5 @@ def tiny_artifact(
         head_bias=torch.randn(len(labels), generator=gen),
         labels=labels,
         bank_fingerprint=fingerprint,
+        training=dict(training or {}),
     )

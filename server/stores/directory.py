@@ -30,6 +30,7 @@ from server.stores import index as task_index
 from server.stores.base import StoredTask, TaskStore
 from server.stores.index import IndexRow, Summary, TaskIndex, row_of
 from server.stores.journal import StoreIndex
+from server.stores.records import fsync_dir
 from server.task_ids import check_stored_id, is_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ class DirectoryStore(TaskStore):
             directory.mkdir(exist_ok=True)
             write_atomic(target, data)
             os.utime(target, ns=(mtime_ns, mtime_ns))
-            _fsync_dir(directory)
-            _fsync_dir(self.root)
+            fsync_dir(directory)
+            fsync_dir(self.root)
         except OSError as exc:
             if target.exists():  # renamed but not known durable: take it back so nothing changed
                 with contextlib.suppress(OSError):
@@ -233,14 +234,6 @@ class _Disk:
             for name in os.listdir(directory):
                 if name.startswith(".") and name.endswith(".tmp"):
                     (directory / name).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mtime(path: Path) -> str:
