@@ -19,6 +19,7 @@ from server.errors import (
     NotReady,
     PayloadTooLarge,
     StoreError,
+    TaskUnavailable,
     UnknownTask,
     UnsupportedMediaType,
 )
@@ -128,10 +129,13 @@ def _if_match(value: str | None) -> int | None:
 
 
 def _is_live(registry: TaskRegistry, stored_id: str) -> bool:
+    """Whether the task has a live version (one whose stored artifact failed verification counts)."""
     try:
         registry.get(stored_id)
     except UnknownTask:
         return False
+    except TaskUnavailable:
+        return True
     return True
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from prometheus_client import Counter
 from server_harness import serving, task_artifact
+from tiny_tasks import TINY_SPEC, tiny_artifact
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact
+from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from server.catalog import TaskCatalog
 from server.errors import TaskUnavailable
@@ -24,20 +25,13 @@ from server.registry import TaskRegistry
 from server.settings import Settings
 from server.stores.directory import DirectoryStore
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = TINY_SPEC
 KEY = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/octet-stream"}
 
 
 def _artifact(seed: int) -> TaskArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskArtifact(
-        coefficients=torch.randn(4, 2, generator=gen),
-        head_weight=torch.randn(3, 8, generator=gen),
-        head_bias=torch.randn(3, generator=gen),
-        labels=("a", "b", "c"),
-        bank_fingerprint=SPEC.bank_fingerprint,
-    )
+    return tiny_artifact(seed)
 
 
 def corrupt_tensor_byte(task_dir: Path) -> None:
@@ -133,13 +127,7 @@ def _settings(bank_dir: Path, store: Path, **overrides: Any) -> Settings:
     "reupload",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                reason="server/routes.py _is_live() must treat TaskUnavailable as an existing task",
-                strict=False,
-            ),
-        ),
+        True,
     ],
     ids=["answers_503", "reupload_fixes_it"],
 )
