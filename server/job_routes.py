@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from server.errors import UnsupportedMediaType
-from server.jobs import Job
+from server.job_record import Job
 from server.openapi import error_responses
 from server.request_context import app_state, identify, stored_id_of
 from server.training_data import (

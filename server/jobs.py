@@ -29,15 +29,16 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from recast_core.data import LabelledTexts
 from server.catalog import TaskCatalog
 from server.errors import JobFinished, Overloaded, ServerError, UnknownJob
+from server.job_process import run_worker
 from server.job_queue import KEEP_FINISHED, KEEP_SECONDS, PRUNE_EVERY, FairJobQueue, prune_finished
+from server.job_record import FINAL, Job, State, age, now_stamp
 from server.metrics import Metrics
 from server.stores.jobs import JobStore
 from server.task_ids import qualify
@@ -45,54 +46,9 @@ from server.training_worker import WorkerSpec, run
 
 log = logging.getLogger(__name__)
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 HEARTBEAT = 2.0  # seconds between heartbeats of a server's unfinished jobs
 STALE_AFTER = 30.0  # an unfinished job without a heartbeat this long lost its server
-SAVE_EVERY = 1.0  # seconds between recorded progress updates
 STOPPED = "the server running the job stopped before it finished"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _age(stamp: str) -> float:
-    return (datetime.now(UTC) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds()
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: str
-    tenant: str
-    task_id: str
-    state: State
-    created: str
-    updated: str  # the heartbeat of an unfinished job
-    owner: str  # the server process running it
-    examples: int
-    labels: list[str]
-    options: dict[str, Any]
-    phase: str = "queued"
-    progress: float = 0.0
-    started: str | None = None
-    finished: str | None = None
-    error: str | None = None
-    result: dict[str, Any] | None = None
-    cancel_requested: bool = False
-    revision: int = 0  # of the stored record this was read from or written as
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Job:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in record.items() if k in known})
 
 
 @dataclass(eq=False)
@@ -159,7 +115,7 @@ class JobManager:
         """Queue a job (data and options already validated); Overloaded when the queue (or the tenant's
         share of it) is full."""
         qualify(tenant, task_id)
-        now = _now()
+        now = now_stamp()
         job = Job(
             job_id=uuid.uuid4().hex,
             tenant=tenant,
@@ -265,7 +221,7 @@ class JobManager:
                 self._release(work)
 
     def _run(self, work: _Work) -> None:
-        job = self._update(work, save=True, state="running", phase="loading", started=_now())
+        job = self._update(work, save=True, state="running", phase="loading", started=now_stamp())
         if work.cancelled.is_set():  # asked through another replica while it waited
             self._end(work, "cancelled", error="cancelled before it started")
         if work.ended:
@@ -281,42 +237,23 @@ class JobManager:
             self.nice,
             self.idle_priority,
         )
-        parent, child = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=self.worker, args=(spec, child), name=f"train-{job.job_id[:8]}", daemon=True
+
+        def started(process: Any) -> None:
+            with work.lock:  # published once started: a cancel can always end it
+                work.process = process
+
+        def progress(save: bool, phase: str, overall: float) -> None:
+            self._progress(work, save, phase=phase, progress=overall)
+
+        outcome, exitcode = run_worker(
+            self._context,
+            self.worker,
+            spec,
+            f"train-{job.job_id[:8]}",
+            cancelled=work.cancelled,
+            started=started,
+            progress=progress,
         )
-        process.start()
-        child.close()
-        with work.lock:  # published once started: a cancel can always end it
-            work.process = process
-        outcome: tuple[Any, ...] | None = None
-        saved = time.monotonic()
-        try:
-            while outcome is None and not work.cancelled.is_set():
-                if not parent.poll(0.5):
-                    if not process.is_alive() and not parent.poll(0):
-                        break
-                    continue
-                try:
-                    message = parent.recv()
-                except EOFError:
-                    break
-                if message[0] == "progress":
-                    _, phase, done, total = message
-                    share = done / total if total else 0.0
-                    save = time.monotonic() - saved >= SAVE_EVERY
-                    self._progress(work, save, phase=phase, progress=_overall(phase, share))
-                    saved = time.monotonic() if save else saved
-                else:
-                    outcome = message
-        finally:
-            if outcome is None or process.is_alive():
-                process.terminate()
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            parent.close()
         if work.cancelled.is_set() and (outcome is None or outcome[0] != "succeeded"):
             if self._stopping:
                 self._end(work, "failed", error="the server stopped while the job ran")
@@ -324,7 +261,7 @@ class JobManager:
                 self._end(work, "cancelled", error="cancelled while it ran")
             return
         if outcome is None:
-            self._end(work, "failed", error=f"the training process exited (code {process.exitcode})")
+            self._end(work, "failed", error=f"the training process exited (code {exitcode})")
             return
         if outcome[0] == "failed":
             self._end(work, "failed", error=str(outcome[1]))
@@ -391,19 +328,19 @@ class JobManager:
         """Mark the unfinished jobs of servers that stopped as failed (all of them for a single writer)."""
         for record in self.store.unfinished():
             job = Job.from_record(record)
-            if not job.final and (self.store.single_writer or _age(job.updated) > self.stale_after):
+            if not job.final and (self.store.single_writer or age(job.updated) > self.stale_after):
                 self._declare_failed(job)
         self._prune(None)
 
     def _checked(self, job: Job) -> Job:
         """`job`, or failed if its server stopped heartbeating it (unless its heartbeat lands first)."""
-        if not job.final and job.owner != self.owner and _age(job.updated) > self.stale_after:
+        if not job.final and job.owner != self.owner and age(job.updated) > self.stale_after:
             return self._declare_failed(job)
         return job
 
     def _declare_failed(self, job: Job) -> Job:
         """Another server's job, failed if its record is still the one read; else the record as it is now."""
-        done = replace(job, state="failed", updated=_now(), finished=_now(), error=STOPPED)
+        done = replace(job, state="failed", updated=now_stamp(), finished=now_stamp(), error=STOPPED)
         stored = self.store.replace(done.to_record(), job.revision)
         if stored is None:
             current = self.store.get(job.tenant, job.job_id)
@@ -428,7 +365,7 @@ class JobManager:
         with work.lock:
             if not work.ended:
                 work.ended = True
-                work.job = replace(work.job, state=state, finished=_now(), error=error, result=result)
+                work.job = replace(work.job, state=state, finished=now_stamp(), error=error, result=result)
                 try:
                     self._record(work)
                 except ServerError as exc:
@@ -440,7 +377,7 @@ class JobManager:
         """Write `work.job` by compare-and-set (under `work.lock`). The cancel request comes back with it;
         a final record written first by another server wins: the job ends here too, with that record."""
         for _ in range(3):
-            job = replace(work.job, updated=_now())
+            job = replace(work.job, updated=now_stamp())
             stored = self.store.replace(job.to_record(), job.revision)
             if stored is not None:
                 work.job = Job.from_record(stored)
@@ -452,7 +389,8 @@ class JobManager:
                 return
             current = self.store.get(job.tenant, job.job_id)
             if current is None or current.get("finished") is not None:
-                gone = replace(job, state="failed", finished=_now(), error="the job's record was removed")
+                removed = "the job's record was removed"
+                gone = replace(job, state="failed", finished=now_stamp(), error=removed)
                 work.job = gone if current is None else Job.from_record(current)
                 work.ended = work.recorded = True
                 self._stop(work)
@@ -497,11 +435,3 @@ class JobManager:
     @staticmethod
     def _fields(job: Job) -> dict[str, Any]:
         return {"job_id": job.job_id, "tenant": job.tenant, "task_id": job.task_id, "examples": job.examples}
-
-
-def _overall(phase: str, share: float) -> float:
-    """One progress number for the whole job: loading 5 %, embedding and probe 15 %, training 80 %."""
-    start, width = {"loading": (0.0, 0.05), "embedding": (0.05, 0.15), "training": (0.2, 0.8)}.get(
-        phase, (0.0, 0.0)
-    )
-    return round(min(1.0, start + width * share), 4)
