@@ -1,11 +1,14 @@
 """Throughput of one MiniLM forward when every sequence belongs to a different task, side by side.
 
 Usage:
-    python -m benchmarks.kernels [--batches 8 32 128] [--rounds 15] [--json] [--write docs/benchmarks.md]
+    python -m benchmarks.kernels [--batches 8 32 128] [--natural 16 64] [--dtype float32|bfloat16]
+                                 [--rounds 15] [--json] [--write docs/benchmarks.md]
     python -m benchmarks.kernels --device cuda          # on a GPU host: the Triton path
 
-All methods run in one process, interleaved round by round (the machine is noisy), fp32, 64 tokens per
-sequence; ratios are sequences/s relative to the plain backbone measured in the same rounds:
+All methods run in one process, interleaved round by round (the machine is noisy), in one dtype. Two
+kinds of batch: `--batches` of sequences of 64 tokens, and `--natural` batches of real texts (the test
+splits of the bundled tasks, mixed) padded to the batch's longest, as the server pads. Ratios are
+sequences/s relative to the plain backbone measured in the same rounds:
     plain       the original MiniLM (one weight for everybody)
     hetero      this project's path, every sequence a different task (MultiTaskEncoder)
     homo        this project's path, every sequence the same (hot, cached) task
@@ -31,16 +34,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.sections import replace_section
-from kernels import Kernels, compose
+from kernels import Kernels, compose, cpu_features
 from recast_core.backbone import SentenceEncoder, TextBackbone, load_text_backbone, sample_sentences
 from recast_core.bank import TemplateBank
 from recast_core.config import minilm_config
+from recast_core.datasets import load_splits
 from recast_core.mimicry import mimic
 from recast_core.multitask import MultiTaskEncoder
 from recast_core.reparam import reparameterize
 
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SEQUENCE_LENGTH = 64
+NATURAL_MAX_LENGTH = 128  # the server's default max_length
+NATURAL_TASKS = ("trec", "sms_spam", "tweet_sentiment", "movie_reviews")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Forward = Callable[[], Any]
 
 
@@ -49,6 +56,23 @@ def _tokens(backbone: TextBackbone, batch: int, device: torch.device) -> tuple[t
     texts = [sentences[i % len(sentences)] for i in range(batch)]
     enc = backbone.tokenizer(
         texts, padding="max_length", truncation=True, max_length=SEQUENCE_LENGTH, return_tensors="pt"
+    )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def natural_texts(seed: int = 0) -> list[str]:
+    """The bundled tasks' test texts, mixed in a fixed order."""
+    texts = [text for name in NATURAL_TASKS for text in load_splits(name).test.texts]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [texts[i] for i in order]
+
+
+def _natural_tokens(
+    backbone: TextBackbone, batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = natural_texts()[:batch]
+    enc = backbone.tokenizer(
+        texts, padding="longest", truncation=True, max_length=NATURAL_MAX_LENGTH, return_tensors="pt"
     )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
@@ -74,19 +98,25 @@ def _peft(backbone: TextBackbone, adapters: int, device: torch.device) -> nn.Mod
 
 
 def methods(
-    backbone: TextBackbone, bank: TemplateBank, batch: int, device: torch.device, kernels: Kernels
+    backbone: TextBackbone,
+    bank: TemplateBank,
+    tokens: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    kernels: Kernels,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Forward]:
-    ids, mask = _tokens(backbone, batch, device)
-    plain = SentenceEncoder(backbone.model.to(device)).eval()
-    encoder = MultiTaskEncoder(backbone, bank, kernels).to(device)
+    ids, mask = tokens
+    batch = int(ids.shape[0])
+    plain = SentenceEncoder(copy.deepcopy(backbone.model).to(device=device, dtype=dtype)).eval()
+    encoder = MultiTaskEncoder(backbone, bank, kernels, dtype=dtype)
     table = _task_table(bank, batch).to(device)
     every = torch.arange(batch, device=device)
     same = torch.zeros(batch, dtype=torch.long, device=device)
     keys = [f"task-{i}" for i in range(batch)]
-    peft = _peft(backbone, batch, device)
+    peft = _peft(backbone, batch, device).to(dtype)
     names = [f"t{i}" for i in range(batch)]
     naive_reparam = reparameterize(copy.deepcopy(backbone.model), bank)
-    naive_model = SentenceEncoder(naive_reparam.model.to(device)).eval()
+    naive_model = SentenceEncoder(naive_reparam.model.to(device=device, dtype=dtype)).eval()
 
     def run_naive() -> None:
         for b in range(batch):  # the task's full weights are composed inside every forward
@@ -140,19 +170,34 @@ def compose_seconds(bank: TemplateBank, tasks: int, device: torch.device) -> flo
     return statistics.median(samples)
 
 
-def run(batches: list[int], rounds: int, device: torch.device) -> list[dict[str, Any]]:
+def run(
+    batches: list[int],
+    rounds: int,
+    device: torch.device,
+    natural: list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict[str, Any]]:
     backbone = load_text_backbone()
     bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
     kernels = Kernels(device)
     rows = []
-    for batch in batches:
-        seconds = measure(methods(backbone, bank, batch, device, kernels), rounds, device, f"batch {batch}")
+    shapes = [(b, False) for b in batches] + [(b, True) for b in natural or []]
+    for batch, is_natural in shapes:
+        tokens = (_natural_tokens if is_natural else _tokens)(backbone, batch, device)
+        forwards = methods(backbone, bank, tokens, device, kernels, dtype)
+        before = set(kernels.variant_choices().items())
+        label = f"{batch} natural" if is_natural else f"batch {batch}"
+        seconds = measure(forwards, rounds, device, label)
         plain = seconds["plain"]
         row: dict[str, Any] = {
             "batch": batch,
-            "tokens": SEQUENCE_LENGTH,
+            "natural": is_natural,
+            "tokens": int(tokens[0].shape[1]),
+            "real_tokens_mean": round(float(tokens[1].sum(dim=1).float().mean()), 1),
+            "dtype": str(dtype).removeprefix("torch."),
             "kernel_path": kernels.path.value,
             "kernel_detail": kernels.detail,
+            "variants": sorted({v for k, v in set(kernels.variant_choices().items()) - before}),
             "plain_seq_per_s": round(batch / plain, 1),
         }
         for name, value in seconds.items():
@@ -167,14 +212,20 @@ def run(batches: list[int], rounds: int, device: torch.device) -> list[dict[str,
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| batch | plain seq/s | hetero | homo | PEFT mixed | PEFT single | naive "
-        "| compose all / one task (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compose all / one task (ms) | hetero variants |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        shape = (
+            f"{r['batch']} natural (padded {r['tokens']}, mean {r['real_tokens_mean']})"
+            if r.get("natural")
+            else f"{r['batch']} x {r['tokens']}"
+        )
         lines.append(
-            f"| {r['batch']} x {r['tokens']} | {r['plain_seq_per_s']} | {r['hetero_vs_plain']:.3f} "
+            f"| {shape} | {r['plain_seq_per_s']} | {r['hetero_vs_plain']:.3f} "
             f"| {r['homo_vs_plain']:.3f} | {r['peft_mixed_vs_plain']:.3f} | {r['peft_single_vs_plain']:.3f} "
-            f"| {r['naive_vs_plain']:.3f} | {r['compose_ms_all_tasks']} / {r['compose_ms_one_task']} |"
+            f"| {r['naive_vs_plain']:.3f} | {r['compose_ms_all_tasks']} / {r['compose_ms_one_task']} "
+            f"| {', '.join(r.get('variants', [])) or '-'} |"
         )
     return "\n".join(lines)
 
@@ -183,7 +234,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 8, 128])
+    parser.add_argument("--batches", type=int, nargs="*", default=[32, 8, 128])
+    parser.add_argument(
+        "--natural", type=int, nargs="*", default=[16, 64], help="batches of real texts padded to the longest"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -194,19 +249,34 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = run(args.batches, args.rounds, device)
+    if not args.batches and not args.natural:
+        parser.error("give at least one of --batches and --natural")
+    dtype = DTYPES[args.dtype]
+    rows = run(args.batches, args.rounds, device, args.natural, dtype)
+    command = " ".join(
+        [
+            "python -m benchmarks.kernels",
+            f"--dtype {args.dtype}",
+            f"--rounds {args.rounds}",
+            " ".join(["--batches", *map(str, args.batches)]),
+            " ".join(["--natural", *map(str, args.natural)]),
+        ]
+    )
+    where = cpu_features.describe() if device.type == "cpu" else torch.cuda.get_device_name(device)
     body = (
-        f"Command: `python -m benchmarks.kernels --rounds {args.rounds} --write docs/benchmarks.md` "
-        f"({time.strftime('%Y-%m-%d')}, "
+        f"Command: `{command} --write docs/benchmarks.md` "
+        f"({time.strftime('%Y-%m-%d')}, {where}, "
         f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}, device {device}, "
-        f"kernel path {rows[0]['kernel_path']} ({rows[0]['kernel_detail']}), fp32, every sequence of the "
+        f"kernel path {rows[0]['kernel_path']} ({rows[0]['kernel_detail']}), {args.dtype}, "
+        "every sequence of the "
         f"hetero, PEFT mixed and naive batches a different task, median of {args.rounds} interleaved "
         "rounds). "
         "Ratios are throughput relative to the plain backbone in the same rounds.\n\n" + table(rows)
     )
     print(body)
     if args.write:
-        replace_section(args.write, "kernels" if device.type == "cpu" else f"kernels-{device.type}", body)
+        section = "kernels" if device.type == "cpu" else f"kernels-{device.type}"
+        replace_section(args.write, section if dtype == torch.float32 else f"{section}-{args.dtype}", body)
     if args.json:
         main_row = next((r for r in rows if r["batch"] == 32), rows[0])
         print(json.dumps(main_row | {"rows": rows}))

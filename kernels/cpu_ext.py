@@ -1,4 +1,8 @@
-"""The compiled CPU kernel (csrc/segmented_linear.cpp): built once per machine with the local C++ compiler.
+"""The compiled CPU kernels (csrc/): built once per machine with the local C++ compiler.
+
+Two fused variants live in one module: the AVX2/FMA 6x16 micro-kernel (and BLAS tiles) of
+csrc/segmented_linear.cpp, and csrc/brgemm_linear.cpp on oneDNN's BRGEMM, which libtorch JITs for the CPU
+it runs on (AVX2, AVX-512, AVX512-BF16, AMX) whatever the build's target flags.
 
 The build is cached under RECAST_EXT_DIR (default ~/.cache/recast-serve/ext), keyed by the source, the
 torch version and the target CPU, so later starts only load it: a finished build found there is imported
@@ -24,10 +28,14 @@ from types import ModuleType
 
 import torch
 
+from kernels import cpu_features
 from kernels.segments import Segments
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "segmented_linear.cpp"
+SOURCES = (
+    Path(__file__).with_name("csrc") / "segmented_linear.cpp",
+    Path(__file__).with_name("csrc") / "brgemm_linear.cpp",
+)
 NAME = "recast_segmented_linear"
 NATIVE = "-march=native"
 _lock = threading.Lock()
@@ -44,19 +52,16 @@ def build_dir() -> Path:
     flags = arch_flags()
     target = _cpu_flags() if flags == [NATIVE] else " ".join(flags).encode()
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode() + target
+        b"".join(source.read_bytes() for source in SOURCES)
+        + torch.__version__.encode()
+        + platform.machine().encode()
+        + target
     ).hexdigest()[:16]
     return root / f"segmented_linear-{key}"
 
 
 def _cpu_flags() -> bytes:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.encode()
-    except OSError:
-        pass
-    return b""
+    return cpu_features.flags_line().encode()
 
 
 def load() -> ModuleType | None:
@@ -75,7 +80,7 @@ def load() -> ModuleType | None:
                 log.info("building the compiled CPU kernel (once per machine)", extra={"dir": str(directory)})
                 module = build(
                     name=NAME,
-                    sources=[str(SOURCE)],
+                    sources=[str(source) for source in SOURCES],
                     extra_cflags=["-O3", *arch_flags(), "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(directory),
@@ -167,3 +172,64 @@ def packed_segmented_linear(
     )
     result: torch.Tensor = segments.scatter(y)
     return result
+
+
+def brgemm_segmented_linear(
+    module: ModuleType,
+    x: torch.Tensor,
+    segments: Segments,
+    packed: torch.Tensor,
+    out_features: int,
+    coeffs: torch.Tensor,
+    bias: torch.Tensor | None,
+    nb: int,
+    mb: int,
+) -> torch.Tensor:
+    """The same on BRGEMM, for templates packed by kernels.packed_templates.pack_blocks (x's dtype)."""
+    xs = segments.gather(x)
+    empty = torch.empty(0, dtype=torch.float32)
+    y = module.brgemm_segmented_linear(
+        xs.contiguous(),
+        segments.starts.contiguous(),
+        segments.slots.contiguous(),
+        packed,
+        coeffs.to(torch.float32).contiguous(),
+        empty if bias is None else bias.to(torch.float32).contiguous(),
+        out_features,
+        nb,
+        mb,
+    )
+    result: torch.Tensor = segments.scatter(y)
+    return result
+
+
+_brgemm_runs: dict[torch.dtype, bool] = {}
+
+
+def brgemm_runs(module: ModuleType, dtype: torch.dtype) -> bool:
+    """Whether BRGEMM computes `dtype` on this CPU: one small problem checked against torch, once.
+
+    libtorch refuses some dtypes on some CPUs (bfloat16 VNNI without AVX512-BF16 or AMX, for one); the
+    answer is cached per process."""
+    if dtype not in _brgemm_runs:
+        from kernels.packed_templates import pack_blocks
+        from kernels.segments import segments_of
+
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 8, generator=gen).to(dtype)
+        templates = torch.randn(2, 6, 8, generator=gen).to(dtype)
+        coeffs = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+        slot = torch.tensor([0, 0, 1, 1, 1])
+        try:
+            packed = pack_blocks(templates, 16, vnni=dtype != torch.float32)
+            got = brgemm_segmented_linear(module, x, segments_of(slot), packed, 6, coeffs, None, 16, 16)
+            weights = torch.einsum("sn,noi->soi", coeffs, templates.float())[slot]
+            want = torch.einsum("ti,toi->to", x.float(), weights)
+            ok = bool(torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2))
+            if not ok:
+                log.warning("BRGEMM disagrees with torch: not used", extra={"dtype": str(dtype)})
+        except RuntimeError as exc:
+            log.info("BRGEMM unavailable", extra={"dtype": str(dtype), "reason": str(exc).splitlines()[0]})
+            ok = False
+        _brgemm_runs[dtype] = ok
+    return _brgemm_runs[dtype]

@@ -1,7 +1,8 @@
 """Pick the kernel path once at startup: CUDA -> Triton, CPU -> torch fast path; RECAST_KERNEL forces one.
 
     RECAST_KERNEL=reference  the torch reference (slow; for debugging and as ground truth)
-    RECAST_KERNEL=torch      CPU fast path: composed-weight cache + compiled fused kernel (kernels.torch_path)
+    RECAST_KERNEL=torch      CPU fast path: composed-weight cache + fused variants chosen by measurement
+                             (kernels.torch_path; RECAST_CPU_VARIANT forces one)
     RECAST_KERNEL=triton     Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1 for tests)
 
 Within the Triton path the strategy is picked per call by shape: runs of at least `block_m // 2` rows on
@@ -77,16 +78,20 @@ class Kernels:
         self._triton_config = None
         detail = ""
         if self.path is KernelPath.TORCH:
-            from kernels.torch_path import TorchPath
-
-            self._torch = TorchPath(self.cache)
             from kernels import cpu_ext
+            from kernels.torch_path import TorchPath
+            from kernels.variant_choice import UnknownVariant
 
-            inner = "avx2 micro-kernel" if self._torch.microkernel else "sgemm tiles"
+            try:
+                self._torch = TorchPath(self.cache)
+            except UnknownVariant as exc:
+                raise KernelUnavailable(str(exc)) from None
+            forced = self._torch.chooser.forced
+            how = f"forced {forced}" if forced else "variant measured per shape and dtype"
             detail = (
-                f"fused compiled kernel, {inner}"
+                f"fused compiled kernels, {how}"
                 if self._torch.extension is not None
-                else f"per-task compose ({cpu_ext.unavailable_reason() or 'compiled kernel disabled'})"
+                else f"no compiled kernel ({cpu_ext.unavailable_reason() or 'disabled'})"
             )
         elif self.path is KernelPath.TRITON:
             from kernels.triton_kernels import launch_config
@@ -95,6 +100,10 @@ class Kernels:
             detail = str(self._triton_config)
         log.info("kernel path selected", extra={"kernel_path": self.path.value, "detail": detail})
         self.detail = detail
+
+    def variant_choices(self) -> dict[str, str]:
+        """CPU fast path: the variant every kind of call seen so far runs (empty on other paths)."""
+        return {} if self._torch is None else self._torch.choices()
 
     def linear(
         self,

@@ -1,27 +1,31 @@
-"""The CPU serving path: composed-weight cache for one-task batches, the fused compiled kernel otherwise.
+"""The CPU serving path: cached composed weights for one-task batches, else a variant chosen by measurement.
 
-one slot in the batch   -> W = cache[key] (composed once) -> one plain GEMM (F.linear)
-several slots, float32  -> compiled fused kernel, per (output tile, segment) compose in cache then multiply:
-                           AVX2/FMA micro-kernel on templates packed once (kernels.packed_templates),
-                           or BLAS sgemm per tile where the micro-kernel was not compiled in
-otherwise               -> compose the distinct slots' weights once, one GEMM per segment
+one slot in the batch  -> W = cache[key] (composed once) -> one plain GEMM (F.linear, the library's)
+several slots          -> the fastest of the variants that run for the dtype, measured per kind of call
+                          (kernels.variant_choice): shape, dtype, batch rows and run length
+    brgemm          fused compose-in-cache + oneDNN BRGEMM, JIT for this CPU (float32, bfloat16)
+    microkernel     fused compose-in-L1 + the AVX2/FMA 6x16 micro-kernel (float32)
+    sgemm           fused compose-in-cache + BLAS sgemm per tile (float32; only without the micro-kernel)
+    template_space  one library GEMM of x against the n stacked templates, then the per-row mix (any dtype)
+    composed        compose each distinct slot's weights, one GEMM per run (any dtype; the fallback)
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kernels import cpu_ext
-from kernels.packed_templates import PackedTemplateCache
+from kernels.packed_templates import STACKED, Layout, PackedTemplateCache
 from kernels.reference import compose
 from kernels.segments import Segments
+from kernels.variant_choice import VariantChooser, forced_variant, kind_of
 from kernels.weight_cache import ComposedWeightCache
 
 ROW_BLOCK = 256  # a segment longer than this is cut so both threads get work
-PACKED_CACHE_BYTES = 512 << 20  # packed template copies (the bank's linear templates, once)
+PACKED_CACHE_BYTES = 512 << 20  # packed template copies (the bank's linear templates, once per layout)
 
 
 def tile_for(in_features: int, budget_bytes: int = 96 << 10) -> int:
@@ -34,6 +38,11 @@ def micro_blocks(in_features: int) -> tuple[int, int]:
     return (128, 384) if in_features <= 768 else (128, 768)
 
 
+def brgemm_blocks(in_features: int) -> tuple[int, int]:
+    """(output columns per block, rows per BRGEMM call): the composed (in, nb) block stays in L2."""
+    return (64, 64) if in_features <= 768 else (32, 64)
+
+
 class TorchPath:
     def __init__(
         self,
@@ -41,6 +50,7 @@ class TorchPath:
         use_extension: bool = True,
         use_microkernel: bool = True,
         packed_cache_bytes: int = PACKED_CACHE_BYTES,
+        variant: str | None = None,
     ) -> None:
         self.cache = cache
         self.extension = cpu_ext.load() if use_extension else None
@@ -48,6 +58,18 @@ class TorchPath:
             use_microkernel and self.extension is not None and bool(self.extension.has_microkernel())
         )
         self.packed = PackedTemplateCache(packed_cache_bytes)
+        self.chooser = VariantChooser(forced=forced_variant(variant))
+
+    def variants(self, dtype: torch.dtype) -> list[str]:
+        """The variants that run for `dtype` on this machine, in the order they are measured."""
+        names = []
+        ext = self.extension
+        if ext is not None and dtype in (torch.float32, torch.bfloat16) and cpu_ext.brgemm_runs(ext, dtype):
+            names.append("brgemm")
+        if ext is not None and dtype == torch.float32:
+            names.append("microkernel" if self.microkernel else "sgemm")
+        names += ["template_space", "composed"]
+        return names
 
     def linear(
         self,
@@ -65,30 +87,70 @@ class TorchPath:
             s = int(segments.slots[0])
             weight = self._weight(templates, coeffs, s, cache_keys)
             return F.linear(x, weight, bias)
-        if self.extension is not None and x.dtype == torch.float32 and not x.requires_grad:
-            if self.microkernel:
-                nc, kc = micro_blocks(x.shape[1])
-                return cpu_ext.packed_segmented_linear(
-                    self.extension,
-                    x,
-                    segments.split(ROW_BLOCK),
-                    self.packed.get(templates),
-                    templates.shape[1],
-                    coeffs,
-                    bias,
-                    nc,
-                    kc,
-                )
-            return cpu_ext.fused_segmented_linear(
-                self.extension,
-                x,
-                segments.split(ROW_BLOCK),
-                templates,
-                coeffs,
-                bias,
-                tile_for(x.shape[1]),
+        if x.requires_grad or templates.dtype != x.dtype:
+            return self._composed(x, segments, templates, coeffs, bias)
+        runs: dict[str, Callable[[], torch.Tensor]] = {}
+        for name in self.variants(x.dtype):
+            runs[name] = self._variant(name, x, segments, templates, coeffs, bias)
+        return self.chooser.run(kind_of(x, templates, segments.count), runs)
+
+    def _variant(
+        self,
+        name: str,
+        x: torch.Tensor,
+        segments: Segments,
+        templates: torch.Tensor,
+        coeffs: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> Callable[[], torch.Tensor]:
+        ext, out = self.extension, templates.shape[1]
+        if name == "brgemm":
+            assert ext is not None
+            nb, mb = brgemm_blocks(x.shape[1])
+            layout = Layout("blocks" if x.dtype == torch.float32 else "vnni", nb)
+            split = segments.split(ROW_BLOCK)
+            return lambda: cpu_ext.brgemm_segmented_linear(
+                ext, x, split, self.packed.get(templates, layout), out, coeffs, bias, nb, mb
             )
-        return self._composed(x, segments, templates, coeffs, bias)
+        if name == "microkernel":
+            assert ext is not None
+            nc, kc = micro_blocks(x.shape[1])
+            return lambda: cpu_ext.packed_segmented_linear(
+                ext, x, segments.split(ROW_BLOCK), self.packed.get(templates), out, coeffs, bias, nc, kc
+            )
+        if name == "sgemm":
+            assert ext is not None
+            return lambda: cpu_ext.fused_segmented_linear(
+                ext, x, segments.split(ROW_BLOCK), templates, coeffs, bias, tile_for(x.shape[1])
+            )
+        if name == "template_space":
+            return lambda: self._template_space(x, segments, templates, coeffs, bias)
+        return lambda: self._composed(x, segments, templates, coeffs, bias)
+
+    def _template_space(
+        self,
+        x: torch.Tensor,
+        segments: Segments,
+        templates: torch.Tensor,
+        coeffs: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """y = sum_i c[slot(t), i] * (x @ T_i^T) + bias: one GEMM on the stacked templates, then the mix."""
+        n, out = templates.shape[0], templates.shape[1]
+        xs = segments.gather(x)
+        parts = F.linear(xs, self.packed.get(templates, STACKED)).float()  # (T, n * out)
+        lengths = segments.starts[1:] - segments.starts[:-1]
+        row_coeffs = torch.repeat_interleave(coeffs.to(torch.float32)[segments.slots], lengths, dim=0)
+        y = parts[:, :out] * row_coeffs[:, :1]
+        for i in range(1, n):
+            y.addcmul_(parts[:, i * out : (i + 1) * out], row_coeffs[:, i : i + 1])
+        if bias is not None:
+            y += bias.to(torch.float32)
+        return segments.scatter(y.to(x.dtype))
+
+    def choices(self) -> dict[str, str]:
+        """The variant each kind of call seen so far runs."""
+        return self.chooser.choices()
 
     def _weight(
         self,

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,13 +18,17 @@ from kernels import (
     KernelPath,
     Kernels,
     KernelUnavailable,
+    cpu_features,
     reference,
     segments_of,
     select_path,
 )
-from kernels.packed_templates import PackedTemplateCache, pack
+from kernels.packed_templates import STACKED, Layout, PackedTemplateCache, pack, pack_blocks
 from kernels.segments import Segments
 from kernels.torch_path import TorchPath
+from kernels.variant_choice import UnknownVariant, VariantChooser, forced_variant, kind_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = [(384, 384), (1152, 384), (1536, 384), (384, 1536), (37, 50)]
 
@@ -34,13 +46,24 @@ def _problem(
     )
 
 
-@pytest.fixture(scope="module", params=["microkernel", "sgemm"])
+FLOAT32_VARIANTS = ["brgemm", "microkernel", "sgemm", "template_space", "composed"]
+
+
+@pytest.fixture(scope="module", params=FLOAT32_VARIANTS)
 def fused(request: pytest.FixtureRequest) -> TorchPath:
-    path = TorchPath(ComposedWeightCache(1 << 24), use_microkernel=request.param == "microkernel")
+    """The CPU path with one variant forced (every one of them is tested on every x86-64 machine)."""
+    variant = request.param
+    path = TorchPath(ComposedWeightCache(1 << 24), use_microkernel=variant != "sgemm", variant=variant)
     assert path.extension is not None, "the compiled CPU kernel must build on the test machine"
-    if request.param == "microkernel":
+    if variant == "microkernel":
         assert path.microkernel, "x86-64 test machines have AVX2/FMA: the micro-kernel must be compiled in"
+    assert variant in path.variants(torch.float32), f"{variant} must run for float32 on x86-64"
     return path
+
+
+def _ran(path: TorchPath, variant: str) -> None:
+    """Every kind of call `path` served with several slots ran `variant`."""
+    assert path.choices() and set(path.choices().values()) == {variant}, path.choices()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -58,6 +81,112 @@ def test_compiled_kernel_matches_reference(fused: TorchPath, shape: tuple[int, i
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     no_bias = fused.linear(x, segments_of(slot), templates, coeffs, None)
     torch.testing.assert_close(no_bias, want - bias, rtol=1e-5, atol=1e-4)
+    if layout != "one_task":
+        _ran(fused, fused.chooser.forced or "")
+
+
+BFLOAT16_VARIANTS = ["brgemm", "template_space", "composed"]
+
+
+@pytest.mark.parametrize("variant", BFLOAT16_VARIANTS)
+@pytest.mark.parametrize(
+    "shape", [(384, 384), (1152, 384), (384, 1536), (37, 50)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+def test_bfloat16_variants_match_the_reference(variant: str, shape: tuple[int, int]) -> None:
+    """bfloat16 storage, float32 accumulation: within bf16 rounding of the float32 contract."""
+    path = TorchPath(ComposedWeightCache(1 << 24), variant=variant)
+    if variant not in path.variants(torch.bfloat16):
+        assert variant == "brgemm" and not cpu_features.bf16_native(), "BRGEMM bf16 runs where bf16 is native"
+        pytest.skip("no native bfloat16 on this CPU: BRGEMM refuses it (covered by the template-space path)")
+    x, slot, templates, coeffs, bias = _problem(*shape, rows=300, num_slots=7)
+    x, templates, bias = x.bfloat16(), templates.bfloat16(), bias.bfloat16()
+    want = reference.segmented_template_linear(x.float(), slot, templates.float(), coeffs, bias.float())
+    got = path.linear(x, segments_of(slot), templates, coeffs, bias)
+    assert got.dtype == torch.bfloat16
+    error = (got.float() - want).norm() / want.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"
+    _ran(path, variant)
+
+
+def test_the_chooser_measures_every_variant_and_keeps_the_fastest() -> None:
+    path = TorchPath(ComposedWeightCache(1 << 24))
+    x, slot, templates, coeffs, bias = _problem(384, 384, rows=256, num_slots=8)
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+    torch.testing.assert_close(path.linear(x, segments_of(slot), templates, coeffs, bias), want)
+    ((kind, timings),) = path.chooser.timings().items()
+    assert set(timings) == set(path.variants(torch.float32)) and all(t > 0 for t in timings.values())
+    assert path.choices() == {kind: min(timings, key=lambda name: timings[name])}
+    again = path.linear(x, segments_of(slot), templates, coeffs, bias)  # same kind: no new measurement
+    torch.testing.assert_close(again, want)
+    assert len(path.chooser.timings()) == 1
+
+
+def test_variant_choice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def candidate(name: str, seconds: float) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor([len(name)])
+
+        return run
+
+    kind = kind_of(torch.zeros(100, 8), torch.zeros(2, 4, 8), runs=10)
+    assert (kind.rows_log2, kind.run_log2) == (6, 3)
+    chooser = VariantChooser(trials=2)
+    slow_fast = {"slow": candidate("slow", 0.02), "fast": candidate("fast", 0.0)}
+    chooser.run(kind, slow_fast)
+    assert sorted(calls) == ["fast", "fast", "slow", "slow"] and chooser.choices() == {str(kind): "fast"}
+    calls.clear()
+    assert chooser.run(kind, slow_fast).item() == 4 and calls == ["fast"]
+    forced = VariantChooser(forced="slow")
+    forced.run(kind, slow_fast)
+    assert forced.choices() == {str(kind): "slow"} and forced.timings() == {}
+    monkeypatch.setenv("RECAST_CPU_VARIANT", "fastest")
+    with pytest.raises(UnknownVariant, match="not one of brgemm, microkernel"):
+        forced_variant()
+    with pytest.raises(KernelUnavailable, match="RECAST_CPU_VARIANT='fastest'"):
+        Kernels("cpu", path="torch")
+    monkeypatch.setenv("RECAST_CPU_VARIANT", " BRGEMM ")
+    assert forced_variant() == "brgemm"
+
+
+LOWER_ISA_SCRIPT = """
+import json, torch
+from kernels import cpu_ext, reference, segments_of
+from kernels.torch_path import TorchPath
+gen = torch.Generator().manual_seed(1)
+x, slot = torch.randn(200, 384, generator=gen), torch.randint(0, 9, (200,), generator=gen)
+templates, coeffs = torch.randn(2, 1152, 384, generator=gen) / 20, torch.randn(9, 2, generator=gen)
+want = reference.segmented_template_linear(x, slot, templates, coeffs, None)
+path = TorchPath(None, variant="brgemm")
+got = path.linear(x, segments_of(slot), templates, coeffs, None)
+auto = TorchPath(None)
+half = auto.linear(x.bfloat16(), segments_of(slot), templates.bfloat16(), coeffs, None).float()
+print(json.dumps({
+    "fp32_error": float((got - want).abs().max()),
+    "choices": list(path.choices().values()),
+    "bf16_brgemm": cpu_ext.brgemm_runs(path.extension, torch.bfloat16),
+    "bf16_error": float((half - want).norm() / want.norm()),
+}))
+"""
+
+
+def test_brgemm_on_avx2_code_forced_on_this_cpu() -> None:
+    """oneDNN capped at AVX2 (as on an AVX2-only CPU): float32 BRGEMM still exact, bfloat16 falls back."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOWER_ISA_SCRIPT],
+        env=os.environ | {"ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fp32_error"] < 1e-3 and report["choices"] == ["brgemm"], report
+    assert report["bf16_brgemm"] is False, "oneDNN has no bfloat16 BRGEMM on AVX2: it must be refused"
+    assert report["bf16_error"] < 1e-2, report
 
 
 def test_fallback_without_the_compiled_kernel_matches_reference() -> None:
@@ -155,6 +284,27 @@ def test_packed_templates_layout_and_cache() -> None:
     small.get(templates)
     small.get(torch.randn(2, 37, 50))
     assert small.nbytes == packed.numel() * 4, "the oldest packed copy is evicted past the budget"
+
+
+def test_brgemm_layouts() -> None:
+    templates = torch.randn(2, 37, 50)
+    blocks = pack_blocks(templates, 16, vnni=False)
+    assert blocks.shape == (2, 3, 50 * 16)
+    view = blocks.view(2, 3, 50, 16)  # (k, column) row-major inside a block
+    assert torch.equal(view[1, 2, 7, :5], templates[1, 32:37, 7]) and not view[:, 2, :, 5:].any()
+    vnni = pack_blocks(templates.bfloat16(), 16, vnni=True).view(2, 3, 25, 16, 2)  # pairs of k per column
+    assert torch.equal(vnni[0, 1, 3, 4], templates[0, 20, 6:8].bfloat16())
+    with pytest.raises(ValueError, match="even in_features"):
+        pack_blocks(torch.randn(2, 4, 5), 16, vnni=True)
+    stacked = STACKED.pack(templates)
+    assert stacked.shape == (74, 50) and torch.equal(stacked[37:], templates[1])
+    cache = PackedTemplateCache(1 << 20)
+    assert cache.get(templates, Layout("blocks", 16)) is cache.get(templates, Layout("blocks", 16))
+    assert cache.get(templates, Layout("blocks", 32)).shape == (
+        2,
+        2,
+        50 * 32,
+    )  # another layout, its own entry
 
 
 def test_microkernel_on_fused_qkv_row_slices(fused: TorchPath) -> None:

@@ -1,0 +1,200 @@
+// Fused segmented template linear on the library's micro-kernel: oneDNN BRGEMM through libtorch's
+// at::native::cpublas::brgemm, which JITs AVX2, AVX-512 or AMX code for the CPU it runs on. For every
+// (block of nb output columns, run of rows of one task) the task's weight block is composed from the n
+// template blocks into a per-thread buffer that stays in L2, then multiplied by the run's rows:
+//
+//   for every column block b and segment j (rows starts[j] .. starts[j+1]):
+//       Bw = sum_i coeffs[slots[j], i] * packed[i, b]                 // (K, nb) in B's layout, in cache
+//       for every mb rows r of the segment:  y[r, b] = x[r] @ Bw (+ bias[b])     (fp32 accumulation)
+//
+// The templates are packed once by the caller (kernels/packed_templates.py) into the layout BRGEMM reads
+// for B: row-major (K, nb) blocks for float32, VNNI pairs (K / 2, nb, 2) for bfloat16 and float16. The
+// compose is elementwise and linear, so combining packed templates yields the packed task weight directly.
+// The compose loops are compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (ifunc), so
+// one build serves every x86 CPU at its own width.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RECAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RECAST_CLONES
+#endif
+
+// out[e] = sum_i c[i] * t[i * stride + e]  (float32)
+RECAST_CLONES void compose_f32(const float* t, int64_t stride, const float* c, int64_t n, int64_t len,
+                               float* out) {
+  const float c0 = c[0];
+  if (n == 2) {
+    const float c1 = c[1];
+    const float* t1 = t + stride;
+    for (int64_t e = 0; e < len; ++e) out[e] = c0 * t[e] + c1 * t1[e];
+    return;
+  }
+  for (int64_t e = 0; e < len; ++e) out[e] = c0 * t[e];
+  for (int64_t i = 1; i < n; ++i) {
+    const float ci = c[i];
+    const float* ti = t + i * stride;
+    for (int64_t e = 0; e < len; ++e) out[e] += ci * ti[e];
+  }
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite inputs: weights are checked finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// out[e] = bf16(sum_i c[i] * t[i * stride + e])  (bfloat16 storage, float32 arithmetic)
+RECAST_CLONES void compose_bf16(const uint16_t* t, int64_t stride, const float* c, int64_t n, int64_t len,
+                                uint16_t* out) {
+  const float c0 = c[0];
+  if (n == 2) {
+    const float c1 = c[1];
+    const uint16_t* t1 = t + stride;
+    for (int64_t e = 0; e < len; ++e) out[e] = f32_to_bf16(c0 * bf16_to_f32(t[e]) + c1 * bf16_to_f32(t1[e]));
+    return;
+  }
+  for (int64_t e = 0; e < len; ++e) {
+    float acc = c0 * bf16_to_f32(t[e]);
+    for (int64_t i = 1; i < n; ++i) acc += c[i] * bf16_to_f32(t[i * stride + e]);
+    out[e] = f32_to_bf16(acc);
+  }
+}
+
+// y[r, 0:w] = bf16(acc[r, 0:w] + bias[0:w]) for r < m
+RECAST_CLONES void store_bf16(const float* acc, int64_t ld_acc, const float* bias, int64_t m, int64_t w,
+                              uint16_t* y, int64_t ld_y) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* a = acc + r * ld_acc;
+    uint16_t* o = y + r * ld_y;
+    if (bias != nullptr)
+      for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c] + bias[c]);
+    else
+      for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c]);
+  }
+}
+
+RECAST_CLONES void add_bias_f32(const float* bias, int64_t m, int64_t w, float* y, int64_t ld_y) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* o = y + r * ld_y;
+    for (int64_t c = 0; c < w; ++c) o[c] += bias[c];
+  }
+}
+
+struct Problem {
+  int64_t rows, in, out, n, nb, mb, num_blocks, num_segments;
+  const int64_t* starts;
+  const int64_t* slots;
+  const float* coeffs;
+  const float* bias;
+};
+
+Problem check(const torch::Tensor& x, const torch::Tensor& starts, const torch::Tensor& slots,
+              const torch::Tensor& packed, const torch::Tensor& coeffs, const torch::Tensor& bias,
+              int64_t out, int64_t nb, int64_t mb) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "brgemm_segmented_linear: x must be a contiguous (T, in) matrix");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "brgemm_segmented_linear: x and packed dtypes differ");
+  TORCH_CHECK(coeffs.scalar_type() == at::kFloat && coeffs.dim() == 2 && coeffs.is_contiguous(),
+              "brgemm_segmented_linear: coeffs must be a contiguous float32 (S, n) matrix");
+  TORCH_CHECK(nb > 0 && mb > 0 && out > 0, "brgemm_segmented_linear: nb, mb and out must be positive");
+  const int64_t in = x.size(1), n = coeffs.size(1), num_blocks = (out + nb - 1) / nb;
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(0) == n &&
+                  packed.size(1) == num_blocks && packed.size(2) == in * nb,
+              "brgemm_segmented_linear: packed must be a contiguous (n, ceil(out / nb), in * nb) tensor");
+  TORCH_CHECK(starts.dim() == 1 && slots.dim() == 1 && starts.size(0) == slots.size(0) + 1 &&
+                  starts.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  starts.is_contiguous() && slots.is_contiguous(),
+              "brgemm_segmented_linear: starts (G + 1,) and slots (G,) must be contiguous int64 vectors");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.dim() == 1 && bias.size(0) == out && bias.is_contiguous() &&
+                            bias.scalar_type() == at::kFloat),
+              "brgemm_segmented_linear: bias must be a contiguous float32 (out,) vector");
+  const int64_t rows = x.size(0), num_segments = slots.size(0), num_slots = coeffs.size(0);
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  for (int64_t j = 0; j < num_segments; ++j) {
+    TORCH_CHECK(slp[j] >= 0 && slp[j] < num_slots, "brgemm_segmented_linear: slot out of range");
+    TORCH_CHECK(sp[j] <= sp[j + 1] && sp[j + 1] <= rows, "brgemm_segmented_linear: bad segment bounds");
+  }
+  return Problem{rows, in, out, n, nb, mb, num_blocks, num_segments, sp, slp, coeffs.data_ptr<float>(),
+                 has_bias ? bias.data_ptr<float>() : nullptr};
+}
+
+template <typename T, typename Compose, typename Epilogue>
+void run(const Problem& p, const T* xp, const T* pp, T* yp, bool vnni, Compose compose, Epilogue epilogue) {
+  const int64_t block = p.in * p.nb;
+  const int64_t template_stride = p.num_blocks * block;
+  // work items in block-major order: a thread's contiguous range reuses the same template blocks (in L2)
+  at::parallel_for(0, p.num_blocks * p.num_segments, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> weight(static_cast<size_t>(block));
+    std::vector<float> acc(static_cast<size_t>(p.mb * p.nb));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.num_segments, j = item % p.num_segments;
+      const int64_t r0 = p.starts[j], r1 = p.starts[j + 1];
+      if (r1 == r0) continue;
+      compose(pp + b * block, template_stride, p.coeffs + p.slots[j] * p.n, p.n, block, weight.data());
+      const int64_t col = b * p.nb, width = std::min(p.nb, p.out - col);
+      for (int64_t r = r0; r < r1; r += p.mb) {
+        const int64_t m = std::min(p.mb, r1 - r);
+        epilogue(m, width, xp + r * p.in, weight.data(), acc.data(), yp + r * p.out + col, col);
+      }
+    }
+    at::native::cpublas::brgemm_release(vnni);
+  });
+}
+
+}  // namespace
+
+// x (T, in) float32, bfloat16 or float16 rows sorted by slot; starts (G + 1,), slots (G,) int64; packed
+// (n, ceil(out / nb), in * nb) in x's dtype (see kernels/packed_templates.py); coeffs (S, n) float32; bias
+// (out,) float32 or empty; nb output columns per block; mb rows per BRGEMM call. Returns y (T, out), x's dtype.
+torch::Tensor brgemm_segmented_linear(torch::Tensor x, torch::Tensor starts, torch::Tensor slots,
+                                      torch::Tensor packed, torch::Tensor coeffs, torch::Tensor bias,
+                                      int64_t out, int64_t nb, int64_t mb) {
+  const Problem p = check(x, starts, slots, packed, coeffs, bias, out, nb, mb);
+  auto y = torch::empty({p.rows, out}, x.options());
+  if (p.rows == 0 || p.num_segments == 0) return y;
+  const float* bp = p.bias;
+  const int64_t in = p.in, nbw = p.nb, ldy = out;
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(p, x.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), false, compose_f32,
+               [&](int64_t m, int64_t w, const float* a, const float* w_block, float*, float* c, int64_t col) {
+                 at::native::cpublas::brgemm(m, w, in, in, nbw, ldy, false, a, w_block, c, false);
+                 if (bp != nullptr) add_bias_f32(bp + col, m, w, c, ldy);
+               });
+    return y;
+  }
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "brgemm_segmented_linear: float32 or bfloat16 tensors only");
+  TORCH_CHECK(in % 2 == 0, "brgemm_segmented_linear: bfloat16 needs an even in_features (VNNI pairs)");
+  auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* pp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  run<uint16_t>(p, xp, pp, yp, true, compose_bf16,
+                [&](int64_t m, int64_t w, const uint16_t* a, const uint16_t* w_block, float* acc, uint16_t* c,
+                    int64_t col) {
+                  at::native::cpublas::brgemm(m, w, in, in, nbw, nbw, false,
+                                              reinterpret_cast<const at::BFloat16*>(a),
+                                              reinterpret_cast<const at::BFloat16*>(w_block), acc, true);
+                  store_bf16(acc, nbw, bp == nullptr ? nullptr : bp + col, m, w, c, ldy);
+                });
+  return y;
+}
+
+// Whether BRGEMM runs natively for `dtype` on this CPU (false: libtorch would fall back to a slow loop).
+bool brgemm_supported(torch::ScalarType dtype) { return at::native::cpublas::could_pack(dtype); }
