@@ -6,20 +6,23 @@ Usage:
     python -m benchmarks.server --registered 1000000 [--without-index] [--write docs/benchmarks.md]
 
 Throughput: a real `recast serve` process (its own store directory, the default bank) answers predict
-requests of one text each, sent by a load generator in another process (`--concurrency` connections,
-bounded in time). Each phase spreads the requests over 1, 100 or 10,000 distinct tasks; phases are
-interleaved round by round and the ratios are texts/s relative to the one-task phase of the same rounds.
-Uploads: new versions of existing tasks are PUT one at a time; each must be servable by the very next
-request. Scale (`--registered N`): N generated tasks in a directory store (with the task index the server
-keeps; `--without-index`: without, and the first start that builds it is reported too), then start-up time
-and resident memory of the server, and one prediction on a random task.
+requests sent by wrk (benchmarks/wrk.py: compiled, one thread, `--concurrency` connections, bounded in
+time), with 1 or 16 of the bundled tasks' test texts per request, spread over 1, 100 or 10,000 distinct
+tasks. Phases are interleaved round by round with the plain backbone's forward in this process (same
+dtype, same texts, the batch size the load allows) as the limit; ratios are texts/s relative to the
+one-task phase and to that limit in the same rounds, with the server's CPU share, wrk's, and the mean
+batch the server formed. Uploads (Python: each checks the version it gets back): new versions of existing
+tasks are PUT one at a time; each must be servable by the very next request.
+
+Scale (`--registered N`): N generated tasks in a directory store (with the task index the server keeps;
+`--without-index`: without, and the first start that builds it is reported too), then start-up time and
+resident memory of the server, and one prediction on a random task.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import random
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.sections import replace_section
 from recast_core.artifact import TaskArtifact
-from recast_core.backbone import load_text_backbone, sample_sentences
+from recast_core.backbone import load_text_backbone
 from recast_core.bank import TemplateBank
 from server.runtime import load_or_build_bank
 from server.stores.directory import LIVE
@@ -142,47 +144,37 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def _load(url: str, task_ids: list[str], seconds: float, concurrency: int, seed: int) -> dict[str, Any]:
-    """Runs in the load-generator process: one-text predicts on random tasks for `seconds`."""
-    texts = sample_sentences()
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(texts, forwards) the server has batched so far, from /metrics."""
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    values = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("recast_batch_texts_sum", "recast_batch_texts_count"):
+            values[name] = float(value)
+    return values.get("recast_batch_texts_sum", 0.0), values.get("recast_batch_texts_count", 0.0)
+
+
+def plain_limit(
+    encoder: torch.nn.Module, tokenizer: Any, texts: list[str], batch: int, seconds: float, seed: int
+) -> float:
+    """Texts/s of the plain backbone in this process on batches of `batch` random texts, padded as the
+    server pads: the most the server could do with batches of that size."""
     rng = random.Random(seed)
-    plan = [(rng.choice(task_ids), rng.choice(texts)) for _ in range(200_000)]
-    latencies: list[float] = []
-    errors: dict[int, int] = {}
-    deadline = time.monotonic() + seconds
-    cursor = iter(range(len(plan)))
-
-    def worker() -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            while time.monotonic() < deadline:
-                task, text = plan[next(cursor)]
-                start = time.perf_counter()
-                response = http.post(f"/v1/tasks/{task}/predict", json={"inputs": [text]})
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    elapsed = time.monotonic() - start
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "texts_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
-        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
-    }
-
-
-def run_load(url: str, task_ids: list[str], seconds: float, concurrency: int, seed: int) -> dict[str, Any]:
-    """The load generator in a separate process (spawned), so it does not share the server's GIL."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        result: dict[str, Any] = pool.apply(_load, (url, task_ids, seconds, concurrency, seed))
-    return result
+    done, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - start < seconds:
+            chosen = [rng.choice(texts) for _ in range(batch)]
+            enc = tokenizer(chosen, padding="longest", truncation=True, max_length=128, return_tensors="pt")
+            encoder(enc["input_ids"], enc["attention_mask"])
+            done += batch
+    return done / (time.perf_counter() - start)
 
 
 def upload_latency(url: str, bank: TemplateBank, count: int) -> dict[str, Any]:
@@ -217,40 +209,79 @@ def upload_latency(url: str, bank: TemplateBank, count: int) -> dict[str, Any]:
 
 
 def throughput(work: Path, bank_dir: Path, bank: TemplateBank, args: argparse.Namespace) -> dict[str, Any]:
+    """wrk against a real server: every (texts per request, distinct tasks) phase and the plain-backbone
+    limit of each batch size, interleaved round by round."""
+    from benchmarks.kernels import DTYPES, natural_texts
+    from benchmarks.wrk import Workload, ensure_wrk
+    from benchmarks.wrk import run as run_wrk
+    from recast_core.backbone import SentenceEncoder
+
+    wrk = ensure_wrk()
     fill_store(work / "tasks", bank, max(args.tasks))
-    with server_process(bank_dir, work / "tasks", work / "server.log") as server:
-        url = server["url"]
-        run_load(url, ["task-0000000"], 3, args.concurrency, 0)  # warm-up
-        phases: dict[int, list[dict[str, Any]]] = {n: [] for n in args.tasks}
+    texts = natural_texts()
+    workloads = {
+        n: Workload.write(work / "wrk", [f"task-{i:07d}" for i in range(n)], texts, f"n{n}")
+        for n in args.tasks
+    }
+    backbone = load_text_backbone()
+    from recast_core.device import resolve_dtype
+
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else resolve_dtype("auto", torch.device("cpu"))
+    plain = SentenceEncoder(backbone.model.to(dtype)).eval()
+    limit_batch = {k: min(args.max_batch, k * args.concurrency) for k in args.texts_per_request}
+    env = {"RECAST_DTYPE": args.dtype, "RECAST_MAX_BATCH_TEXTS": str(args.max_batch)}
+    with server_process(bank_dir, work / "tasks", work / "server.log", env=env) as server:
+        url, pid = server["url"], server["pid"]
+        for k in args.texts_per_request:  # warm-up: the CPU path measures its variants for these batches
+            for n in args.tasks[:2]:
+                run_wrk(wrk, url, workloads[n], k, 3, args.concurrency, seed=0)
+        phases: dict[tuple[int, int], list[dict[str, Any]]] = {
+            (k, n): [] for k in args.texts_per_request for n in args.tasks
+        }
+        limits: dict[int, list[float]] = {b: [] for b in set(limit_batch.values())}
         for r in tqdm(range(args.rounds), desc="rounds", unit="round"):
-            for n in args.tasks:
-                ids = [f"task-{i:07d}" for i in range(n)]
-                phases[n].append(run_load(url, ids, args.seconds, args.concurrency, seed=r))
+            for b in limits:
+                limits[b].append(plain_limit(plain, backbone.tokenizer, texts, b, args.seconds / 2, seed=r))
+            for k, n in phases:
+                cpu0, (texts0, forwards0) = _cpu_seconds(pid), _batch_totals(url)
+                result = run_wrk(wrk, url, workloads[n], k, args.seconds, args.concurrency, seed=r)
+                cpu1, (texts1, forwards1) = _cpu_seconds(pid), _batch_totals(url)
+                result["server_cpu"] = (cpu1 - cpu0) / result["elapsed_s"]
+                result["mean_batch_texts"] = (texts1 - texts0) / max(1.0, forwards1 - forwards0)
+                phases[(k, n)].append(result)
         uploads = upload_latency(url, bank, args.uploads)
-        metrics = httpx.get(f"{url}/metrics").text
-        rss = rss_mib(server["pid"])
-    base = statistics.median(p["texts_per_s"] for p in phases[args.tasks[0]])
+        backbone_info = httpx.get(f"{url}/v1/backbone", timeout=30).json()
+        rss = rss_mib(pid)
     rows = []
-    for n, runs in phases.items():
+    for (k, n), runs in phases.items():
         tps = statistics.median(p["texts_per_s"] for p in runs)
+        base = statistics.median(p["texts_per_s"] for p in phases[(k, args.tasks[0])])
+        limit = statistics.median(limits[limit_batch[k]])
         rows.append(
             {
+                "texts_per_request": k,
                 "tasks": n,
                 "texts_per_s": round(tps, 1),
                 "vs_one_task": round(tps / base, 3),
-                "p50_ms": round(statistics.median(p["p50_ms"] for p in runs), 1),
-                "p99_ms": round(statistics.median(p["p99_ms"] for p in runs), 1),
-                "errors": sum(sum(p["errors"].values()) for p in runs),
+                "plain_limit_texts_per_s": round(limit, 1),
+                "limit_batch": limit_batch[k],
+                "vs_plain_limit": round(tps / limit, 3),
+                "p50_ms": round(statistics.median(p["p50_us"] for p in runs) / 1e3, 1),
+                "p99_ms": round(statistics.median(p["p99_us"] for p in runs) / 1e3, 1),
+                "mean_batch_texts": round(statistics.median(p["mean_batch_texts"] for p in runs), 1),
+                "server_cpu_percent": round(100 * statistics.median(p["server_cpu"] for p in runs)),
+                "wrk_cpu_percent": round(
+                    100 * statistics.median(p["wrk_cpu_s"] / p["elapsed_s"] for p in runs)
+                ),
+                "errors": sum(p["errors"] for p in runs),
             }
         )
-    batch = [line for line in metrics.splitlines() if line.startswith("recast_batch_texts_")]
-    count = float(next(line.split()[-1] for line in batch if line.startswith("recast_batch_texts_count")))
-    total = float(next(line.split()[-1] for line in batch if line.startswith("recast_batch_texts_sum")))
     return {
         "rows": rows,
         "uploads": uploads,
-        "mean_batch_texts": round(total / count, 1),
         "rss_mib": round(rss),
+        "dtype": backbone_info["dtype"],
+        "variants": sorted(set(backbone_info["kernel"].get("variants", {}).values())),
     }
 
 
@@ -300,25 +331,36 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def render(result: dict[str, Any], args: argparse.Namespace) -> str:
+    from kernels import cpu_features
+
     lines = [
-        f"Command: `python -m benchmarks.server --tasks {' '.join(map(str, args.tasks))} "
-        f"--seconds {args.seconds:g} --rounds {args.rounds} --concurrency {args.concurrency} "
-        f"--write docs/benchmarks.md` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} "
-        "cores shared by the server and the load generator, one text per request, median over the rounds).",
+        f"Command: `python -m benchmarks.server --dtype {args.dtype} "
+        f"--tasks {' '.join(map(str, args.tasks))} "
+        f"--texts-per-request {' '.join(map(str, args.texts_per_request))} --seconds {args.seconds:g} "
+        f"--rounds {args.rounds} --concurrency {args.concurrency} --write docs/benchmarks.md` "
+        f"({time.strftime('%Y-%m-%d')}, {cpu_features.describe()}, {platform.machine()}, {os.cpu_count()} "
+        f"cores; server dtype {result['dtype']}, CPU variants used: {', '.join(result['variants']) or '-'}; "
+        f"load from wrk, one thread, {args.concurrency} connections, the bundled tasks' test texts at "
+        "random; median over the rounds). The plain limit is the plain backbone in the benchmark's own "
+        "process, same dtype, same texts, batches of the size the load allows (connections x texts per "
+        "request, at most the server's batch), measured between the phases.",
         "",
-        "| distinct tasks | texts/s | vs one task | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| texts/request | distinct tasks | texts/s | vs one task | plain limit texts/s (batch) | vs limit "
+        "| p50 ms | p99 ms | mean batch | server CPU | wrk CPU | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['tasks']} | {r['texts_per_s']} | {r['vs_one_task']:.3f} | {r['p50_ms']} | {r['p99_ms']} "
-            f"| {r['errors']} |"
+            f"| {r['texts_per_request']} | {r['tasks']} | {r['texts_per_s']} | {r['vs_one_task']:.3f} "
+            f"| {r['plain_limit_texts_per_s']} ({r['limit_batch']}) | {r['vs_plain_limit']:.3f} "
+            f"| {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch_texts']} | {r['server_cpu_percent']} % "
+            f"| {r['wrk_cpu_percent']} % | {r['errors']} |"
         )
     u = result["uploads"]
     lines += [
         "",
-        f"Mean texts per batched forward: {result['mean_batch_texts']}; server RSS after the run: "
-        f"{result['rss_mib']} MiB. Uploads (directory store, fsync on every write): {u['uploads']} new "
+        f"Server RSS after the run: {result['rss_mib']} MiB. Uploads (directory store, fsync on every "
+        f"write; Python client, one at a time): {u['uploads']} new "
         f"versions; server-side, from the received body to the version being stored and servable, p50 "
         f"{u['server_p50_ms']:.2f} ms, p99 {u['server_p99_ms']:.2f} ms (PUT round trip p50 "
         f"{u['put_p50_ms']:.2f} ms, p99 {u['put_p99_ms']:.2f} ms); "
@@ -335,7 +377,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 100, 10_000])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="wrk connections")
+    parser.add_argument("--texts-per-request", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the server's RECAST_DTYPE"
+    )
+    parser.add_argument("--max-batch", type=int, default=64, help="the server's RECAST_MAX_BATCH_TEXTS")
     parser.add_argument("--uploads", type=int, default=200)
     parser.add_argument("--bank", type=Path, default=DEFAULT_BANK)
     parser.add_argument("--registered", type=int, help="instead: start-up and memory with this many tasks")

@@ -4,8 +4,8 @@ Usage:
     python -m benchmarks.training_load [--seconds 20] [--rounds 2] [--concurrency 4] [--examples 1000]
                                        [--write docs/benchmarks.md] [--json]
 
-A real `recast serve` process (default bank, 100 synthetic tasks) answers one-text predicts from a load
-generator in another process. Phases alternate round by round: `idle` (no job) and `training` (a training
+A real `recast serve` process (default bank, 100 synthetic tasks) answers one-text predicts sent by wrk
+(benchmarks/wrk.py). Phases alternate round by round: `idle` (no job) and `training` (a training
 job on TREC questions, `--examples` examples, runs the whole phase; a new one is started if it ends). The
 ratios are p50/p99 latency and throughput of the training phases relative to the idle phases of the same
 run. The job runs in its own process with the server's defaults (RECAST_TRAIN_THREADS=1,
@@ -27,8 +27,11 @@ from typing import Any
 import httpx
 import torch
 
+from benchmarks.kernels import natural_texts
 from benchmarks.sections import replace_section
-from benchmarks.server import DEFAULT_BANK, fill_store, run_load, server_process
+from benchmarks.server import DEFAULT_BANK, fill_store, server_process
+from benchmarks.wrk import Workload, ensure_wrk
+from benchmarks.wrk import run as run_wrk
 from recast_core.backbone import load_text_backbone
 from recast_core.datasets import load_splits
 from server.runtime import load_or_build_bank
@@ -81,17 +84,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         task_ids = [f"task-{i:07d}" for i in range(100)]
         fill_store(work / "tasks", bank, len(task_ids))
         env = {"RECAST_THREADS": str(args.server_threads)}
+        wrk = ensure_wrk()
+        workload = Workload.write(work / "wrk", task_ids, natural_texts(), "n100")
+
+        def run_load(url: str, seconds: float, seed: int) -> dict[str, Any]:
+            return run_wrk(wrk, url, workload, 1, seconds, args.concurrency, seed)
+
         with server_process(args.bank, work / "tasks", work / "server.log", env=env) as server:
             url = server["url"]
             trainer = Trainer(url, examples)
             phases: dict[str, list[dict[str, Any]]] = {"idle": [], "training": []}
-            run_load(url, task_ids, 3, args.concurrency, seed=0)  # warm-up
+            run_load(url, 3, seed=0)  # warm-up
             for round_ in range(args.rounds):
                 for phase in ("idle", "training"):
                     if phase == "training":
                         trainer.start()
                         time.sleep(args.job_warmup)  # the job is past loading and embedding
-                    result = run_load(url, task_ids, args.seconds, args.concurrency, seed=round_)
+                    result = run_load(url, args.seconds, seed=round_)
                     if phase == "training":
                         trainer.stop()
                     phases[phase].append(result)
@@ -106,7 +115,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def med(rows: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(r[key] for r in rows))
 
-    errors = sum(sum(r["errors"].values()) for rows in phases.values() for r in rows)
+    errors = sum(r["errors"] for rows in phases.values() for r in rows)
     return {
         "idle": {k: med(idle, k) for k in ("texts_per_s", "p50_ms", "p99_ms")},
         "training": {k: med(busy, k) for k in ("texts_per_s", "p50_ms", "p99_ms")},

@@ -297,7 +297,11 @@ async def backbone(request: Request, authorization: Annotated[str | None, Header
             "coefficients_per_task": bank.num_slots * bank.num_templates,
             "bytes": bank.nbytes(),
         },
-        "kernel": {"path": runtime.kernels.path.value, "detail": runtime.kernels.detail},
+        "kernel": {
+            "path": runtime.kernels.path.value,
+            "detail": runtime.kernels.detail,
+            "variants": runtime.kernels.variant_choices(),
+        },
         "device": str(runtime.device),
         "dtype": dtype_name(runtime.dtype),
         "store": runtime.store.kind,

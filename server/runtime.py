@@ -114,8 +114,8 @@ def serving_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
     """The device and dtype the settings ask for, checked with the kernel path (DeviceError or
     KernelUnavailable, both naming what cannot be used); cheap: nothing is loaded."""
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    select_path(device, settings.kernel)
+    path = select_path(device, settings.kernel)
+    dtype = resolve_dtype(settings.dtype, device, path.value)
     return device, dtype
 
 

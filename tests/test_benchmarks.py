@@ -90,3 +90,35 @@ def test_the_gpu_benchmark_says_so_and_succeeds_without_cuda() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("no CUDA device")
+
+
+def test_the_server_benchmark_drives_the_server_with_wrk(bank_dir: Path, tmp_path: Path) -> None:
+    """Every phase answered without errors by a real server under wrk, the limit measured beside it."""
+    doc = tmp_path / "benchmarks.md"
+    cmd = [sys.executable, "-m", "benchmarks.server", "--tasks", "1", "20", "--texts-per-request", "1", "4"]
+    cmd += [
+        "--seconds",
+        "2",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+        "--uploads",
+        "5",
+        "--bank",
+        str(bank_dir),
+    ]
+    cmd += ["--dtype", "float32", "--write", str(doc), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {(r["texts_per_request"], r["tasks"]): r for r in result["rows"]}
+    assert set(rows) == {(1, 1), (1, 20), (4, 1), (4, 20)}
+    for r in rows.values():
+        assert r["errors"] == 0 and r["texts_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["plain_limit_texts_per_s"] > 0 and r["limit_batch"] == min(64, 4 * r["texts_per_request"])
+        assert r["mean_batch_texts"] >= 1 and r["wrk_cpu_percent"] < r["server_cpu_percent"], r
+    assert rows[(1, 1)]["vs_one_task"] == 1.0 and rows[(4, 1)]["vs_one_task"] == 1.0
+    assert result["uploads"]["servable_on_next_request"] == 5 and result["dtype"] == "float32"
+    section = doc.read_text()
+    assert "<!-- server:begin -->" in section and "| 4 | 20 |" in section and "wrk" in section

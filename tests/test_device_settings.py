@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from kernels import cpu_features
 from recast_core.device import DeviceError, resolve_device, resolve_dtype
 from server.predictor import MIN_GROUP, length_groups
 from server.settings import Settings
@@ -22,10 +23,19 @@ def test_settings_refuse_unknown_devices_and_dtypes() -> None:
     assert Settings(device=" CUDA:1 ", dtype="BFloat16").device == "cuda:1"
 
 
-def test_auto_resolves_to_what_the_machine_has() -> None:
+def test_auto_resolves_to_what_the_machine_has(monkeypatch: pytest.MonkeyPatch) -> None:
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    cpu = torch.device("cpu")
+    native = torch.bfloat16 if cpu_features.bf16_native() else torch.float32
+    assert resolve_dtype("auto", cpu) is native
+    for flags, want in (("fpu avx2 fma avx512f", torch.float32), ("avx2 avx512_bf16", torch.bfloat16)):
+        monkeypatch.setattr(cpu_features, "flags_line", lambda flags=flags: flags)
+        assert resolve_dtype("auto", cpu) is want, flags
+        assert resolve_dtype("auto", cpu, kernel_path="reference") is torch.float32
+    monkeypatch.setattr(cpu_features, "flags_line", lambda: "avx2 amx_tile amx_bf16")
+    assert resolve_dtype("auto", cpu) is torch.bfloat16
+    assert resolve_dtype("float32", cpu) is torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(DeviceError, match="float16 on the CPU"):
         resolve_dtype("float16", torch.device("cpu"))

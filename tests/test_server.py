@@ -31,6 +31,7 @@ def _settings(bank_dir: Path, store: Path | str, **overrides: Any) -> Settings:
         "api_keys": KEY,
         "max_wait_ms": 5.0,
         "threads": 2,
+        "dtype": "float32",  # compared with the float32 offline model within 1e-4
     }
     return Settings(**(values | overrides))
 

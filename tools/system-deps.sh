@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages: Fashion-MNIST (Debian package dataset-fashion-mnist) that the tests read, a C++
 # compiler that builds the compiled CPU kernel (kernels/csrc) on first use, and the PostgreSQL server
-# binaries (initdb, pg_ctl) the PostgreSQL store's tests run a throwaway cluster with, and headless
-# Chromium with its WebDriver that the web console's tests drive.
+# binaries (initdb, pg_ctl) the PostgreSQL store's tests run a throwaway cluster with, headless
+# Chromium with its WebDriver that the web console's tests drive, and wrk, the HTTP load tool of the
+# server benchmarks.
 # Installs what is missing with apt-get (needs root or sudo); does nothing when all is present.
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ command -v g++ >/dev/null || missing+=(g++)
 command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v wrk >/dev/null || missing+=(wrk)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
