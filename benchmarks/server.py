@@ -274,6 +274,8 @@ def throughput(work: Path, bank_dir: Path, bank: TemplateBank, args: argparse.Na
                     100 * statistics.median(p["wrk_cpu_s"] / p["elapsed_s"] for p in runs)
                 ),
                 "errors": sum(p["errors"] for p in runs),
+                "status_errors": sum(p["status_errors"] for p in runs),
+                "socket_errors": sum(p["socket_errors"] for p in runs),
             }
         )
     return {
@@ -346,7 +348,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
         "request, at most the server's batch), measured between the phases.",
         "",
         "| texts/request | distinct tasks | texts/s | vs one task | plain limit texts/s (batch) | vs limit "
-        "| p50 ms | p99 ms | mean batch | server CPU | wrk CPU | errors |",
+        "| p50 ms | p99 ms | mean batch | server CPU | wrk CPU | errors (non-2xx) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
@@ -354,7 +356,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {r['texts_per_request']} | {r['tasks']} | {r['texts_per_s']} | {r['vs_one_task']:.3f} "
             f"| {r['plain_limit_texts_per_s']} ({r['limit_batch']}) | {r['vs_plain_limit']:.3f} "
             f"| {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch_texts']} | {r['server_cpu_percent']} % "
-            f"| {r['wrk_cpu_percent']} % | {r['errors']} |"
+            f"| {r['wrk_cpu_percent']} % | {r['errors']} ({r['status_errors']} non-2xx) |"
         )
     u = result["uploads"]
     lines += [
