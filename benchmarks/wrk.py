@@ -19,6 +19,12 @@ from typing import Any
 
 LUA = r"""
 local tasks, texts, per_request = {}, {}, 1
+local threads = {}
+bad = {}  -- per thread: count of each non-2xx status, collected by done()
+
+setup = function(thread)
+  threads[#threads + 1] = thread
+end
 
 local function lines(path)
   local out = {}
@@ -41,13 +47,26 @@ request = function()
   return wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
 end
 
+response = function(status, headers, body)
+  if status > 299 then
+    local key = tostring(status)
+    bad[key] = (bad[key] or 0) + 1
+  end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
+  local codes = {}
+  for _, thread in ipairs(threads) do
+    for status, count in pairs(thread:get("bad") or {}) do
+      codes[#codes + 1] = string.format('"%s": %d', status, count)
+    end
+  end
   io.write(string.format(
     '{"requests": %d, "duration_us": %d, "status_errors": %d, "socket_errors": %d, ' ..
-    '"p50_us": %d, "p99_us": %d, "max_us": %d}\n',
+    '"timeouts": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, "statuses": {%s}}\n',
     summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
+    e.timeout, latency:percentile(50), latency:percentile(99), latency.max, table.concat(codes, ", ")))
 end
 """
 

@@ -39,7 +39,15 @@ def flags_line() -> str:
 
 
 def model_name() -> str:
-    return _cpuinfo_field("model name") or "unknown CPU"
+    """The model name with its family, model and stepping numbers: one name ("AMD EPYC", say) covers
+    several generations, so the numbers tell which CPU a figure was measured on."""
+    name = _cpuinfo_field("model name") or "unknown CPU"
+    ids = [
+        (label, _cpuinfo_field(field))
+        for label, field in (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+    ]
+    known = " ".join(f"{label} {value}" for label, value in ids if value)
+    return f"{name} ({known})" if known else name
 
 
 def features() -> list[str]:

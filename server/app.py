@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI, Request, Response
@@ -42,13 +39,12 @@ from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.openapi import install as install_openapi
 from server.ratelimit import RateLimiter
+from server.request_middleware import RequestContext, server_error_in
 from server.routes import router
 from server.runtime import Runtime, start_runtime
 from server.settings import Settings
 
 log = logging.getLogger("server.app")
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # others: "other"
-access = logging.getLogger("server.access")
 
 
 class AppState:
@@ -122,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     # the body limit inside the request middleware: its 413s get a request id, a metric and a log line
     app.add_middleware(BodyLimit, max_bytes=max_body)
-    _install_request_middleware(app, state.metrics)
+    app.add_middleware(RequestContext, metrics=state.metrics)
     return app
 
 
@@ -157,7 +153,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        known = _server_error_in(exc)  # e.g. PayloadTooLarge raised while FastAPI read the body
+        known = server_error_in(exc)  # e.g. PayloadTooLarge raised while FastAPI read the body
         if known is not None:
             return _error_response(known)
         if exc.status_code == 400:
@@ -176,45 +172,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, server_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-
-
-def _install_request_middleware(app: FastAPI, metrics: Metrics) -> None:
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
-        request.state.request_id = request_id
-        start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as exc:
-            known = _server_error_in(exc)  # e.g. a body over the limit, raised while the body streamed in
-            if known is not None:
-                response = _error_response(known, request_id)
-            else:  # a bug: answer a typed 500 and keep serving
-                log.exception("unhandled error", extra={"request_id": request_id, "path": request.url.path})
-                response = _error_response(ServerError("internal error; see the server log"), request_id)
-        seconds = time.perf_counter() - start
-        endpoint = _endpoint(request, response.status_code)
-        method = request.method if request.method in METHODS else "other"
-        response.headers["X-Request-ID"] = request_id
-        metrics.requests.labels(endpoint, method, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint, method).observe(seconds)
-        if endpoint not in ("/metrics", "/healthz", "/readyz"):
-            fields: dict[str, Any] = {
-                "request_id": request_id,
-                "method": request.method[:16],
-                "endpoint": endpoint,
-                "path": request.url.path[:256],
-                "status": response.status_code,
-                "ms": round(seconds * 1000, 2),
-            }
-            identity = getattr(request.state, "identity", None)  # set once the key was checked
-            if identity is not None:
-                fields["tenant"], fields["key_id"] = identity.tenant, identity.key_id
-            access.info("request", extra=fields)
-        return response
 
 
 GENERIC: dict[int, type[ServerError]] = {
@@ -244,32 +201,3 @@ def _allowed_methods(request: Request) -> str:
         for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
         if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
     )
-
-
-def _endpoint(request: Request, status: int) -> str:
-    """The matched route's template (`/v1/tasks/{task_id}`), so metrics get no series per task id; for
-    no route, `not_found` (or `method_not_allowed`): label values come from a closed set only."""
-    route = request.scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    return "method_not_allowed" if status == 405 else "not_found"
-
-
-def _server_error_in(exc: BaseException) -> ServerError | None:
-    """The ServerError inside `exc` (itself, a member of an exception group, or a cause), if any."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, ServerError):
-            return current
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-    return None

@@ -7,11 +7,10 @@ into the same typed answer).
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import PayloadTooLarge
+from server.request_middleware import send_error
 
 
 class BodyLimit:
@@ -27,18 +26,7 @@ class BodyLimit:
             error = PayloadTooLarge(
                 f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}"
             )
-            body = json.dumps(error.body()).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": error.status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, error)
             return
         seen = 0
 

@@ -189,6 +189,47 @@ def test_brgemm_on_avx2_code_forced_on_this_cpu() -> None:
     assert report["bf16_error"] < 1e-2, report
 
 
+BF16_COMPOSE_SCRIPT = """
+import json, torch
+from kernels import reference, segments_of
+from kernels.torch_path import TorchPath
+gen = torch.Generator().manual_seed(2)
+x, slot = torch.randn(300, 384, generator=gen), torch.randint(0, 7, (300,), generator=gen)
+templates, coeffs = torch.randn(2, 1536, 384, generator=gen) / 20, torch.randn(7, 2, generator=gen)
+x, templates = x.bfloat16(), templates.bfloat16()
+want = reference.segmented_template_linear(x.float(), slot, templates.float(), coeffs, None)
+got = TorchPath(None, variant="brgemm").linear(x, segments_of(slot), templates, coeffs, None)
+torch.save(got, "OUT")
+print(json.dumps({"error": float((got.float() - want).norm() / want.norm())}))
+"""
+
+
+@pytest.mark.skipif(not cpu_features.bf16_native(), reason="bfloat16 BRGEMM needs native bf16")
+def test_brgemm_bfloat16_compose_loops(tmp_path: Path) -> None:
+    """The bf16 compose runs on AVX512-BF16's conversion where the CPU has it and on the cloned loop
+    otherwise (forced here with RECAST_NO_AVX512BF16): both within bf16 rounding of the reference and
+    of each other."""
+    outputs = {}
+    for compose in ("avx512_bf16", "portable"):
+        out = tmp_path / f"{compose}.pt"
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        env.pop("RECAST_NO_AVX512BF16", None)
+        if compose == "portable":
+            env["RECAST_NO_AVX512BF16"] = "1"
+        result = subprocess.run(
+            [sys.executable, "-c", BF16_COMPOSE_SCRIPT.replace("OUT", str(out))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        assert json.loads(result.stdout.strip().splitlines()[-1])["error"] < 1e-2, compose
+        outputs[compose] = torch.load(out).float()
+    a, b = outputs["avx512_bf16"], outputs["portable"]
+    assert (a - b).norm() / b.norm() < 1e-2
+
+
 def test_fallback_without_the_compiled_kernel_matches_reference() -> None:
     path = TorchPath(None, use_extension=False)
     for rows, slots in ((64, 4), (65, 3)):  # equal runs take one bmm, unequal runs one GEMM per run

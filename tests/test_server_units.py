@@ -116,3 +116,44 @@ def test_framework_http_errors_map_into_the_closed_vocabulary() -> None:
     assert _typed(413, "x").error_type == "payload_too_large"
     assert (_typed(418, "x").error_type, _typed(418, "x").status) == ("bad_input", 400)
     assert (_typed(502, "x").error_type, _typed(502, "x").status) == ("internal_error", 500)
+
+
+def test_request_middleware_ids_metrics_and_typed_500(caplog: pytest.LogCaptureFixture) -> None:
+    """Pure ASGI request middleware: the client's request id answered back (a fresh one otherwise), a
+    bug answered as a typed 500 that carries the id, and every request counted by status."""
+    import httpx
+    from starlette.types import Receive, Scope, Send
+
+    from server.metrics import Metrics
+    from server.request_middleware import RequestContext
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/bug":
+            raise RuntimeError("a bug in a handler")
+        await send({"type": "http.response.start", "status": 204, "headers": [(b"x-request-id", b"stale")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    metrics = Metrics()
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=RequestContext(app, metrics))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.get("/ok", headers={"X-Request-ID": "given-id"}),
+                await client.get("/ok"),
+                await client.post("/bug", headers={"X-Request-ID": "bug-id"}),
+            ]
+
+    given, fresh, bug = asyncio.run(calls())
+    assert given.status_code == 204 and given.headers.get_list("x-request-id") == ["given-id"]
+    assert len(fresh.headers["x-request-id"]) == 32 and fresh.headers["x-request-id"] != "stale"
+    assert bug.status_code == 500 and bug.headers["x-request-id"] == "bug-id"
+    assert bug.json()["error_type"] == "internal_error"
+    assert "unhandled error" in caplog.text
+    counted = {
+        (s.labels["method"], s.labels["status"]): s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name == "recast_requests_total"
+    }
+    assert counted == {("GET", "204"): 2.0, ("POST", "500"): 1.0}

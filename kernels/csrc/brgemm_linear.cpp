@@ -18,6 +18,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -61,7 +65,7 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite inputs:
 }
 
 // out[e] = bf16(sum_i c[i] * t[i * stride + e])  (bfloat16 storage, float32 arithmetic)
-RECAST_CLONES void compose_bf16(const uint16_t* t, int64_t stride, const float* c, int64_t n, int64_t len,
+RECAST_CLONES void compose_bf16_portable(const uint16_t* t, int64_t stride, const float* c, int64_t n, int64_t len,
                                 uint16_t* out) {
   const float c0 = c[0];
   if (n == 2) {
@@ -75,6 +79,45 @@ RECAST_CLONES void compose_bf16(const uint16_t* t, int64_t stride, const float* 
     for (int64_t i = 1; i < n; ++i) acc += c[i] * bf16_to_f32(t[i * stride + e]);
     out[e] = f32_to_bf16(acc);
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RECAST_HAS_BF16_PATH 1
+// The same compose with AVX512-BF16's two-vector round-to-nearest-even conversion (VCVTNE2PS2BF16):
+// 32 elements per step; the tail goes through the portable loop.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void compose_bf16_avx512(
+    const uint16_t* t, int64_t stride, const float* c, int64_t n, int64_t len, uint16_t* out) {
+  const auto widen = [](const uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  const int64_t body = len / 32 * 32;
+  for (int64_t e = 0; e < body; e += 32) {
+    const __m512 c0 = _mm512_set1_ps(c[0]);
+    __m512 lo = _mm512_mul_ps(c0, widen(t + e)), hi = _mm512_mul_ps(c0, widen(t + e + 16));
+    for (int64_t i = 1; i < n; ++i) {
+      const __m512 ci = _mm512_set1_ps(c[i]);
+      const uint16_t* ti = t + i * stride + e;
+      lo = _mm512_fmadd_ps(ci, widen(ti), lo);
+      hi = _mm512_fmadd_ps(ci, widen(ti + 16), hi);
+    }
+    _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + e), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  if (body < len) compose_bf16_portable(t + body, stride, c, n, len - body, out + body);
+}
+#endif
+
+using ComposeBf16 = void (*)(const uint16_t*, int64_t, const float*, int64_t, int64_t, uint16_t*);
+
+// The bf16 compose for this CPU, chosen once: AVX512-BF16 when the CPU reports it, else the cloned loop.
+ComposeBf16 pick_compose_bf16() {
+#ifdef RECAST_HAS_BF16_PATH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && std::getenv("RECAST_NO_AVX512BF16") == nullptr)
+    return compose_bf16_avx512;
+#endif
+  return compose_bf16_portable;
 }
 
 // y[r, 0:w] = bf16(acc[r, 0:w] + bias[0:w]) for r < m
@@ -185,6 +228,7 @@ torch::Tensor brgemm_segmented_linear(torch::Tensor x, torch::Tensor starts, tor
   auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* pp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  static const ComposeBf16 compose_bf16 = pick_compose_bf16();
   run<uint16_t>(p, xp, pp, yp, true, compose_bf16,
                 [&](int64_t m, int64_t w, const uint16_t* a, const uint16_t* w_block, float* acc, uint16_t* c,
                     int64_t col) {
