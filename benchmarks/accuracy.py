@@ -44,13 +44,6 @@ BANKS = {
     "recast_compressed": minilm_config(groups=1, templates=3),
     "recast_wide": minilm_config(groups=1, templates=6),
 }
-LEARNING_RATES = {
-    "recast": 2e-3,
-    "recast_compressed": 2e-3,
-    "recast_wide": 2e-3,
-    "lora_r8": 1e-3,
-    "full_ft": 2e-5,
-}
 
 
 @dataclass(frozen=True)
@@ -61,10 +54,21 @@ class Budget:
     max_length: int
     seeds: tuple[int, ...]
     pretrain: tuple[int, int | None]  # vision backbones: (epochs, examples) on Fashion-MNIST 0-4
+    select_epochs: int = TrainOptions.select_epochs  # epochs of each learning-rate trial
 
 
-FULL = Budget(max_train=1000, max_eval=None, epochs=3, max_length=64, seeds=(0, 1, 2), pretrain=(3, None))
-QUICK = Budget(max_train=64, max_eval=96, epochs=1, max_length=32, seeds=(0,), pretrain=(1, 1000))
+# the full budget is the training recipe's defaults (8 epochs, learning rates chosen on validation)
+FULL = Budget(
+    max_train=1000,
+    max_eval=None,
+    epochs=TrainOptions.epochs,
+    max_length=64,
+    seeds=(0, 1, 2),
+    pretrain=(3, None),
+)
+QUICK = Budget(
+    max_train=64, max_eval=96, epochs=1, max_length=32, seeds=(0,), pretrain=(1, 1000), select_epochs=1
+)
 
 
 def _bank(name: str, backbone: TextBackbone, cache: Path) -> TemplateBank:
@@ -108,8 +112,8 @@ def run_one(
         max_length=budget.max_length,
         max_train_examples=budget.max_train,
         seed=seed,
-        lr=LEARNING_RATES.get(method, 2e-3),
-    )
+        select_epochs=budget.select_epochs,
+    )  # every method's learning rate is chosen on validation (TrainOptions.lr None)
     val, test = _cap(splits.val, budget.max_eval), _cap(splits.test, budget.max_eval)
     start = time.perf_counter()
     if method in BANKS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -12,9 +12,19 @@ from torch import nn
 from recast_core.artifact import serialize
 from recast_core.backbone import SentenceEncoder, TextBackbone
 from recast_core.data import LabelledTexts
-from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, probe_head, text_examples
+from recast_core.fitting import (
+    FitOutcome,
+    evaluate,
+    fit_choosing_lr,
+    probe_head,
+    text_examples,
+)
+from recast_core.train_options import TrainOptions
 
 # the modules RECAST reparameterizes, named for PEFT
+# the learning rates each baseline's trials choose from on validation (around the usual values: LoRA
+# 1e-3 to 3e-4 with AdamW, full fine-tuning of a BERT-size encoder 2e-5 to 1e-4)
+LR_GRIDS = {"lora_r8": (3e-4, 1e-3, 3e-3), "full_ft": (1e-5, 3e-5, 1e-4)}
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
@@ -56,9 +66,11 @@ def run_baseline(
     val: LabelledTexts,
     test: LabelledTexts,
     options: TrainOptions,
-    lr: float,
+    lr: float | None,
     progress: bool,
 ) -> BaselineRun:
+    """One baseline; with lr None its learning rate is chosen on validation from LR_GRIDS[method], the
+    same short trials as RECAST's coefficients get (recast_core.fitting.fit_choosing_lr)."""
     torch.manual_seed(options.seed)
     splits = {"train": train, "val": val, "test": test}
     y = {name: _targets(labels, split) for name, split in splits.items()}
@@ -100,11 +112,15 @@ def run_baseline(
     else:
         raise ValueError(f"unknown baseline {method!r}")
     classifier.eval()  # no dropout, as for RECAST: the same deterministic forward for every method
-    groups = [
-        {"params": body, "lr": lr},
-        {"params": list(classifier.head.parameters()), "lr": options.head_lr},
-    ]
-    outcome = fit(classifier, groups, examples["train"], examples["val"], options, progress)
+
+    def groups(rate: float) -> list[dict[str, object]]:
+        return [
+            {"params": body, "lr": rate},
+            {"params": list(classifier.head.parameters()), "lr": options.head_lr},
+        ]
+
+    chosen = replace(options, lr=lr, lr_grid=LR_GRIDS[method])
+    outcome = fit_choosing_lr(classifier, groups, examples["train"], examples["val"], chosen, progress)
     trainable = sum(p.numel() for p in body)
     stored = {f"body.{i}": p for i, p in enumerate(body)} | head_state
     return BaselineRun(

@@ -33,9 +33,9 @@ from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import TemplateBank
 from recast_core.config import minilm_config
 from recast_core.datasets import load_splits
-from recast_core.fitting import TrainOptions
 from recast_core.mimicry import mimic
 from recast_core.multitask import MultiTaskEncoder
+from recast_core.train_options import TrainOptions
 from recast_core.training import train_task
 
 TASKS = ("trec", "sms_spam", "tweet_sentiment", "movie_reviews")

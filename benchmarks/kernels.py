@@ -11,6 +11,7 @@ splits of the bundled tasks, mixed) padded to the batch's longest, as the server
 sequences/s relative to the plain backbone measured in the same rounds:
     plain       the original MiniLM (one weight for everybody)
     hetero      this project's path, every sequence a different task (MultiTaskEncoder)
+    hetero_edit the same with each task's per-channel scale and shift of every FFN output (RED) on
     homo        this project's path, every sequence the same (hot, cached) task
     peft_mixed  PEFT LoRA r=8 on the same modules, one adapter per sequence (`adapter_names`)
     peft_single PEFT LoRA r=8, one adapter for the whole batch
@@ -118,6 +119,11 @@ def methods(
     naive_reparam = reparameterize(copy.deepcopy(backbone.model), bank)
     naive_model = SentenceEncoder(naive_reparam.model.to(device=device, dtype=dtype)).eval()
 
+    gen = torch.Generator().manual_seed(1)
+    edit_shape = (batch, encoder.num_edited_layers, encoder.edit_width)
+    scale = (1 + 0.1 * torch.randn(edit_shape, generator=gen)).to(device)
+    shift = (0.1 * torch.randn(edit_shape, generator=gen)).to(device)
+
     def run_naive() -> None:
         for b in range(batch):  # the task's full weights are composed inside every forward
             naive_reparam.set_coefficients(table[b].cpu())
@@ -126,6 +132,7 @@ def methods(
     return {
         "plain": lambda: plain(ids, mask),
         "hetero": lambda: encoder(ids, mask, every, table, keys),
+        "hetero_edit": lambda: encoder(ids, mask, every, table, keys, ffn_scale=scale, ffn_shift=shift),
         "homo": lambda: encoder(ids, mask, same, table[:1], keys[:1]),
         "peft_mixed": lambda: peft(input_ids=ids, attention_mask=mask, adapter_names=names),
         "peft_single": lambda: peft(input_ids=ids, attention_mask=mask, adapter_names=["t0"] * batch),
@@ -211,9 +218,9 @@ def run(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | plain seq/s | hetero | homo | PEFT mixed | PEFT single | naive "
-        "| compose all / one task (ms) | hetero variants |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| batch | plain seq/s | hetero | hetero + FFN scale/shift (vs hetero) | homo | PEFT mixed "
+        "| PEFT single | naive | compose all / one task (ms) | hetero variants |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         shape = (
@@ -223,6 +230,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"| {shape} | {r['plain_seq_per_s']} | {r['hetero_vs_plain']:.3f} "
+            f"| {r['hetero_edit_vs_plain']:.3f} ({r['hetero_edit_vs_plain'] / r['hetero_vs_plain']:.3f}) "
             f"| {r['homo_vs_plain']:.3f} | {r['peft_mixed_vs_plain']:.3f} | {r['peft_single_vs_plain']:.3f} "
             f"| {r['naive_vs_plain']:.3f} | {r['compose_ms_all_tasks']} / {r['compose_ms_one_task']} "
             f"| {', '.join(r.get('variants', [])) or '-'} |"

@@ -10,6 +10,7 @@ import copy
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,18 @@ from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from recast_core.config import RecastConfig
 from recast_core.data import stratified_cap
-from recast_core.fitting import FitOutcome, TrainOptions, evaluate, fit, probe_head, tensor_examples
+from recast_core.fitting import (
+    FitOutcome,
+    evaluate,
+    fit,
+    fit_choosing_lr,
+    probe_head,
+    tensor_examples,
+)
 from recast_core.image_data import ImageSet, ImageSplits, digits_splits, fashion_splits
 from recast_core.mimicry import mimic
 from recast_core.reparam import reparameterize
+from recast_core.train_options import TrainOptions
 from recast_core.vision import TinyResNet, TinyViT, resnet_config, vit_config
 
 BACKBONES: dict[str, tuple[Callable[..., TinyViT | TinyResNet], Callable[..., RecastConfig], list[str]]] = {
@@ -36,13 +45,8 @@ TASKS: dict[str, Callable[[], ImageSplits]] = {
     "digits": digits_splits,
 }
 VISION_TASKS = tuple(f"{task}@{backbone}" for backbone in BACKBONES for task in TASKS)
-LEARNING_RATES = {
-    "recast": 1e-2,
-    "recast_compressed": 1e-2,
-    "recast_wide": 1e-2,
-    "lora_r8": 1e-3,
-    "full_ft": 3e-4,
-}
+# the learning rates each method's trials choose from on validation (RECAST: the training default grid)
+LR_GRIDS = {"lora_r8": (3e-4, 1e-3, 3e-3), "full_ft": (1e-4, 3e-4, 1e-3)}
 # (groups, templates per group) of each RECAST bank on the 4-block backbones
 BANK_SHAPES = {"recast": (2, 2), "recast_compressed": (1, 2), "recast_wide": (1, 4)}
 
@@ -129,7 +133,9 @@ def run_vision(
         _cap(full.train, max_train, seed), _cap(full.val, max_eval, 0), _cap(full.test, max_eval, 0)
     )
     train = splits.train
-    options = TrainOptions(epochs=epochs, batch_size=64, seed=seed, lr=LEARNING_RATES.get(method, 1e-3))
+    options = TrainOptions(epochs=epochs, batch_size=64, seed=seed)
+    if method in LR_GRIDS:
+        options = replace(options, lr_grid=LR_GRIDS[method])
     torch.manual_seed(seed)
     start = time.perf_counter()
     model = copy.deepcopy(base)
@@ -163,11 +169,14 @@ def run_vision(
         p.requires_grad_(True)
     classifier.eval()  # frozen BatchNorm statistics and no dropout for every method
     if body:
-        groups = [
-            {"params": body, "lr": options.lr},
-            {"params": list(classifier.head.parameters()), "lr": 1e-3},
-        ]
-        outcome = fit(classifier, groups, ex["train"], ex["val"], options, progress=False)
+
+        def groups(rate: float) -> list[dict[str, object]]:
+            return [
+                {"params": body, "lr": rate},
+                {"params": list(classifier.head.parameters()), "lr": options.head_lr},
+            ]
+
+        outcome = fit_choosing_lr(classifier, groups, ex["train"], ex["val"], options, progress=False)
     if method.startswith("recast"):
         artifact = TaskArtifact(
             coefficients=reparam.collapsed().float(),

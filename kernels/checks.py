@@ -14,12 +14,15 @@ def check_linear_args(
     coeffs: torch.Tensor,
     bias: torch.Tensor | None,
     *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
     check_range: bool = True,
 ) -> None:
     """Raise ValueError naming the first argument that does not fit the contract.
 
     x (T, in) float, slot (T,) integer in [0, S), templates (n, out, in) of x's dtype, coeffs (S, n) float,
-    bias (out,) or None; all on one device. `check_range` reads slot's min and max (a device sync on GPU).
+    bias (out,) or None, scale and shift (S, out) float or None; all on one device. `check_range` reads
+    slot's min and max (a device sync on GPU).
     """
     if x.ndim != 2:
         raise ValueError(f"x must be (T, in), got shape {tuple(x.shape)}")
@@ -38,9 +41,13 @@ def check_linear_args(
         raise ValueError(f"coeffs must be a float (S, {n}) tensor, got {coeffs.dtype} {tuple(coeffs.shape)}")
     if bias is not None and bias.shape != (out,):
         raise ValueError(f"bias must be ({out},) or None, got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, slot, templates, coeffs) if t is not None}
-    if bias is not None:
-        devices.add(bias.device)
+    for name, part in (("scale", scale), ("shift", shift)):
+        if part is not None and (part.shape != (coeffs.shape[0], out) or not part.is_floating_point()):
+            raise ValueError(
+                f"{name} must be a float ({coeffs.shape[0]}, {out}) tensor or None, got {part.dtype} "
+                f"{tuple(part.shape)}"
+            )
+    devices = {t.device for t in (x, slot, templates, coeffs, bias, scale, shift) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     if check_range and slot.numel() > 0:

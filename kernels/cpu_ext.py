@@ -184,17 +184,26 @@ def brgemm_segmented_linear(
     bias: torch.Tensor | None,
     nb: int,
     mb: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The same on BRGEMM, for templates packed by kernels.packed_templates.pack_blocks (x's dtype)."""
+    """The same on BRGEMM, for templates packed by kernels.packed_templates.pack_blocks (x's dtype); the
+    optional (S, out) scale and shift are applied to each row by its slot in the kernel's epilogue."""
     xs = segments.gather(x)
     empty = torch.empty(0, dtype=torch.float32)
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor:
+        return empty if t is None else t.to(torch.float32).contiguous()
+
     y = module.brgemm_segmented_linear(
         xs.contiguous(),
         segments.starts.contiguous(),
         segments.slots.contiguous(),
         packed,
-        coeffs.to(torch.float32).contiguous(),
-        empty if bias is None else bias.to(torch.float32).contiguous(),
+        f32(coeffs),
+        f32(bias),
+        f32(scale),
+        f32(shift),
         out_features,
         nb,
         mb,

@@ -115,26 +115,32 @@ class Kernels:
         *,
         segments: Segments | None = None,
         cache_keys: Sequence[Hashable] | None = None,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """y[t] = x[t] @ (sum_i coeffs[slot[t], i] * templates[i])^T + bias (see segmented_template_linear).
+        """y[t] = (x[t] @ (sum_i coeffs[slot[t], i] * templates[i])^T + bias) * scale[slot[t]]
+        + shift[slot[t]] (see segmented_template_linear; scale and shift (S, out) are optional).
 
         `segments` (the layout of `slot`, shared by every layer of one batch) saves recomputing it;
         `cache_keys[s]` names slot s's composed weight in the cache (immutable inputs only).
         """
         if self.path is KernelPath.REFERENCE:
-            return reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+            return reference.segmented_template_linear(x, slot, templates, coeffs, bias, scale, shift)
         if segments is None:
-            check_linear_args(x, slot, templates, coeffs, bias)
+            check_linear_args(x, slot, templates, coeffs, bias, scale=scale, shift=shift)
             segments = segments_of(slot)
         if self._torch is not None:
-            return self._torch.linear(x, segments, templates, coeffs, bias, cache_keys)
+            return self._torch.linear(x, segments, templates, coeffs, bias, cache_keys, scale, shift)
         from kernels import triton_kernels
 
-        assert self._triton_config is not None
-        if segments.count and x.shape[0] / segments.count < self._triton_config.block_m // 2:
-            return triton_kernels.template_space_linear(x, slot, templates, coeffs, bias, self._triton_config)
+        config = self._triton_config
+        assert config is not None
+        if segments.count and x.shape[0] / segments.count < config.block_m // 2:
+            return triton_kernels.template_space_linear(
+                x, slot, templates, coeffs, bias, config, scale=scale, shift=shift
+            )
         return triton_kernels.fused_segmented_linear(
-            x, slot, templates, coeffs, bias, self._triton_config, segments
+            x, slot, templates, coeffs, bias, config, segments, scale=scale, shift=shift
         )
 
 

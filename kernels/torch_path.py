@@ -79,20 +79,46 @@ class TorchPath:
         coeffs: torch.Tensor,
         bias: torch.Tensor | None,
         cache_keys: Sequence[Hashable] | None = None,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The contract for rows laid out as `segments`; cache_keys[s] names slot s's weight (optional)."""
+        """The contract for rows laid out as `segments`; cache_keys[s] names slot s's weight (optional);
+        scale and shift (S, out), optional, are each row's task's output scale and shift."""
         if segments.count == 0:
             return x.new_empty(x.shape[0], templates.shape[1])
         if segments.count == 1:
             s = int(segments.slots[0])
             weight = self._weight(templates, coeffs, s, cache_keys)
-            return F.linear(x, weight, bias)
+            return _affine(F.linear(x, weight, bias), _row(scale, s), _row(shift, s))
         if x.requires_grad or templates.dtype != x.dtype:
-            return self._composed(x, segments, templates, coeffs, bias)
+            return _row_affine(self._composed(x, segments, templates, coeffs, bias), segments, scale, shift)
         runs: dict[str, Callable[[], torch.Tensor]] = {}
         for name in self.variants(x.dtype):
-            runs[name] = self._variant(name, x, segments, templates, coeffs, bias)
+            if name == "brgemm":  # scale and shift in the kernel's epilogue
+                runs[name] = self._brgemm(x, segments, templates, coeffs, bias, scale, shift)
+                continue
+            run = self._variant(name, x, segments, templates, coeffs, bias)
+            runs[name] = run if scale is None and shift is None else _then_affine(run, segments, scale, shift)
         return self.chooser.run(kind_of(x, templates, segments.count), runs)
+
+    def _brgemm(
+        self,
+        x: torch.Tensor,
+        segments: Segments,
+        templates: torch.Tensor,
+        coeffs: torch.Tensor,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+    ) -> Callable[[], torch.Tensor]:
+        ext, out = self.extension, templates.shape[1]
+        assert ext is not None
+        nb, mb = brgemm_blocks(x.shape[1])
+        layout = Layout("blocks" if x.dtype == torch.float32 else "vnni", nb)
+        split = segments.split(ROW_BLOCK)
+        return lambda: cpu_ext.brgemm_segmented_linear(
+            ext, x, split, self.packed.get(templates, layout), out, coeffs, bias, nb, mb, scale, shift
+        )
 
     def _variant(
         self,
@@ -105,13 +131,7 @@ class TorchPath:
     ) -> Callable[[], torch.Tensor]:
         ext, out = self.extension, templates.shape[1]
         if name == "brgemm":
-            assert ext is not None
-            nb, mb = brgemm_blocks(x.shape[1])
-            layout = Layout("blocks" if x.dtype == torch.float32 else "vnni", nb)
-            split = segments.split(ROW_BLOCK)
-            return lambda: cpu_ext.brgemm_segmented_linear(
-                ext, x, split, self.packed.get(templates, layout), out, coeffs, bias, nb, mb
-            )
+            return self._brgemm(x, segments, templates, coeffs, bias, None, None)
         if name == "microkernel":
             assert ext is not None
             nc, kc = micro_blocks(x.shape[1])
@@ -189,3 +209,39 @@ class TorchPath:
             ]
             y = torch.cat(parts)
         return segments.scatter(y)
+
+
+def _row(part: torch.Tensor | None, s: int) -> torch.Tensor | None:
+    return None if part is None else part[s]
+
+
+def _affine(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """y * scale + shift with (out,) or per-row (T, out) parts, in float32, in y's dtype."""
+    if scale is None and shift is None:
+        return y
+    out = y.float()
+    if scale is not None:
+        out = out * scale.float()
+    if shift is not None:
+        out = out + shift.float()
+    return out.to(y.dtype)
+
+
+def _row_affine(
+    y: torch.Tensor, segments: Segments, scale: torch.Tensor | None, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """Each row of y (input order) scaled and shifted by its slot's (out,) rows of scale and shift."""
+    if scale is None and shift is None:
+        return y
+    lengths = segments.starts[1:] - segments.starts[:-1]
+    rows = segments.scatter(torch.repeat_interleave(segments.slots, lengths))
+    return _affine(y, None if scale is None else scale[rows], None if shift is None else shift[rows])
+
+
+def _then_affine(
+    run: Callable[[], torch.Tensor],
+    segments: Segments,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> Callable[[], torch.Tensor]:
+    return lambda: _row_affine(run(), segments, scale, shift)

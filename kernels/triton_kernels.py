@@ -76,6 +76,8 @@ def _segmented_kernel(
     t_ptr,
     c_ptr,
     b_ptr,
+    scale_ptr,
+    shift_ptr,
     y_ptr,
     tile_row0_ptr,
     tile_row1_ptr,
@@ -88,6 +90,8 @@ def _segmented_kernel(
     stride_cs,
     stride_ym,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     N_TEMPLATES: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -126,6 +130,10 @@ def _segmented_kernel(
             acc += tl.dot(a, tl.trans(w.to(a.dtype)))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:  # the tile's task's per-channel output scale and shift ((S, N), row-major)
+        acc *= tl.load(scale_ptr + slot * N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + slot * N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -137,6 +145,8 @@ def _template_space_kernel(
     c_ptr,
     slot_ptr,
     b_ptr,
+    scale_ptr,
+    shift_ptr,
     y_ptr,
     M,
     N,
@@ -147,6 +157,8 @@ def _template_space_kernel(
     stride_cs,
     stride_ym,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     N_TEMPLATES: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -182,6 +194,11 @@ def _template_space_kernel(
             acc += c[:, None] * part
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_SCALE:  # each row's task's per-channel output scale and shift ((S, N), row-major)
+        acc *= tl.load(scale_ptr + slots[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + slots[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -228,6 +245,17 @@ def compose(
     return w
 
 
+def _epilogue_rows(
+    scale: torch.Tensor | None, shift: torch.Tensor | None, placeholder: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major float32 (S, out) scale and shift for the kernels (`placeholder` where absent: unread)."""
+
+    def rows(part: torch.Tensor | None) -> torch.Tensor:
+        return placeholder if part is None else part.to(torch.float32).contiguous()
+
+    return rows(scale), rows(shift)
+
+
 def _row_tiles(segments: Segments, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row0, row1, slot) of every BLOCK_M-row tile of every segment."""
     split = segments.split(block_m)
@@ -242,9 +270,11 @@ def fused_segmented_linear(
     bias: torch.Tensor | None,
     config: LaunchConfig | None = None,
     segments: Segments | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contract by strategy (a); reference: kernels.reference.fused_segmented_linear."""
-    check_linear_args(x, slot, templates, coeffs, bias)
+    check_linear_args(x, slot, templates, coeffs, bias, scale=scale, shift=shift)
     config = config or launch_config(x.device)
     segments = segments or segments_of(slot)
     n, out, in_features = templates.shape
@@ -261,6 +291,7 @@ def fused_segmented_linear(
         templates,
         coeffs,
         bias if bias is not None else y,
+        *_epilogue_rows(scale, shift, y),
         y,
         row0,
         row1,
@@ -273,6 +304,8 @@ def fused_segmented_linear(
         coeffs.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
         N_TEMPLATES=n,
         IEEE=x.dtype == torch.float32,
         BLOCK_M=config.block_m,
@@ -291,9 +324,11 @@ def template_space_linear(
     coeffs: torch.Tensor,
     bias: torch.Tensor | None,
     config: LaunchConfig | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contract by strategy (b); reference: kernels.reference.template_space_linear."""
-    check_linear_args(x, slot, templates, coeffs, bias)
+    check_linear_args(x, slot, templates, coeffs, bias, scale=scale, shift=shift)
     config = config or launch_config(x.device)
     n, out, in_features = templates.shape
     x = x.contiguous()
@@ -309,6 +344,7 @@ def template_space_linear(
         coeffs,
         slot.contiguous(),
         bias if bias is not None else y,
+        *_epilogue_rows(scale, shift, y),
         y,
         x.shape[0],
         out,
@@ -319,6 +355,8 @@ def template_space_linear(
         coeffs.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
         N_TEMPLATES=n,
         IEEE=x.dtype == torch.float32,
         BLOCK_M=config.block_m,

@@ -14,6 +14,7 @@ from typing import Any
 from recast_cli.logs import configure
 from recast_client.errors import RecastClientError
 from recast_core.errors import RecastError
+from recast_core.train_options import TrainOptions
 
 log = logging.getLogger("recast")
 
@@ -76,6 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         head_lr=args.head_lr,
+        select_epochs=args.select_epochs,
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         seed=args.seed,
@@ -84,6 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     result = train_task(backbone, bank, train, val=val, test=test, options=options)
     size = result.artifact.save(args.out)
     summary = result.summary
+    how = "chosen on validation" if args.lr is None else "given"
+    print(f"coefficient learning rate {summary['lr']:g} ({how}; trials: {summary['lr_trials'] or '-'})")
     line = f"validation accuracy {summary['val_accuracy']:.4f}"
     line += f" (linear probe {summary['probe_val_accuracy']:.4f})"
     if "test_accuracy" in summary:
@@ -285,6 +289,9 @@ def _cmd_keys(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from None
 
 
+TRAIN_DEFAULTS = TrainOptions()
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -331,11 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--out", type=Path, required=True, help="task artifact to write (.safetensors)")
-    p.add_argument("--epochs", type=_positive, default=8)
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--head-lr", type=float, default=2e-3)
-    p.add_argument("--max-length", type=_positive, default=64)
+    p.add_argument("--epochs", type=_positive, default=TRAIN_DEFAULTS.epochs)
+    p.add_argument("--batch-size", type=_positive, default=TRAIN_DEFAULTS.batch_size)
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="the coefficients' learning rate (default: chosen on validation from "
+        f"{', '.join(f'{lr:g}' for lr in TRAIN_DEFAULTS.lr_grid)} by short trials)",
+    )
+    p.add_argument("--head-lr", type=_positive_float, default=TRAIN_DEFAULTS.head_lr)
+    p.add_argument(
+        "--select-epochs",
+        type=_positive,
+        default=TRAIN_DEFAULTS.select_epochs,
+        help="epochs of each learning-rate trial (without --lr)",
+    )
+    p.add_argument("--max-length", type=_positive, default=TRAIN_DEFAULTS.max_length)
     p.add_argument("--max-train-examples", type=_positive)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from tqdm.auto import tqdm
 
-from recast_core.errors import ConfigError
+from recast_core.train_options import TrainOptions
 
 PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
 Batch = dict[str, torch.Tensor]
@@ -27,38 +27,15 @@ Tokenize = Callable[[Sequence[str], int], Batch]
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 2e-3
-    head_lr: float = 2e-3
-    weight_decay: float = 1e-6
-    patience: int = 2
-    val_fraction: float = 0.15
-    max_length: int = 64
-    max_train_examples: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be >= {low}, got {getattr(self, name)!r}"
-            for name, low in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("max_length", 8))
-            if getattr(self, name) < low
-        ]
-        problems += [
-            f"{name} must be > 0, got {getattr(self, name)!r}"
-            for name in ("lr", "head_lr")
-            if not getattr(self, name) > 0
-        ]
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 < self.val_fraction < 1:
-            problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if self.max_train_examples is not None and self.max_train_examples < 2:
-            problems.append(f"max_train_examples must be >= 2, got {self.max_train_examples!r}")
-        if problems:
-            raise ConfigError(problems)
+def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
+    """The learning-rate multiplier at optimizer step `step` of `total`: linear warm-up over the first
+    `warmup` fraction, then constant or a cosine decay to 0 at the last step."""
+    warm = math.ceil(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant" or total <= warm:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
 
 
 @dataclass(frozen=True)
@@ -109,6 +86,55 @@ class FitOutcome:
     history: list[dict[str, float]]
     best_epoch: int
     val_accuracy: float
+    val_loss: float = math.nan
+    lr: float | None = None  # the main learning rate used (chosen on validation when options.lr is None)
+    lr_trials: dict[str, float] = field(default_factory=dict)  # candidate -> its trial's best val accuracy
+    from_trial: bool = False  # the state kept is the chosen lr's trial's (the full run did not beat it)
+
+
+def fit_choosing_lr(
+    model: nn.Module,
+    groups: Callable[[float], list[dict[str, object]]],
+    train: Examples,
+    val: Examples,
+    options: TrainOptions,
+    progress: bool = True,
+    on_progress: Progress | None = None,
+) -> FitOutcome:
+    """`fit` with `groups(lr)` as the parameter groups; with options.lr None, lr is first chosen from
+    options.lr_grid: every candidate trains `select_epochs` epochs from the same start (the schedule
+    compressed to the trial), the best validation (accuracy, then loss) wins, then the full run starts
+    from that same start. The model is left at the best validated state of all these runs (a trial's, if
+    the full run never beat it: `from_trial`). The trials cost len(lr_grid) x select_epochs epochs;
+    progress counts them."""
+    steps_per_epoch = math.ceil(len(train) / options.batch_size)
+    if options.lr is not None:
+        outcome = fit(model, groups(options.lr), train, val, options, progress, on_progress)
+        return replace(outcome, lr=options.lr)
+    trial = replace(options, epochs=options.select_epochs, patience=options.select_epochs)
+    trial_steps = trial.epochs * steps_per_epoch
+    total = len(options.lr_grid) * trial_steps + options.epochs * steps_per_epoch
+    start = _snapshot(model)
+    trials: dict[float, tuple[FitOutcome, dict[str, torch.Tensor]]] = {}
+    for i, lr in enumerate(options.lr_grid):
+        _restore(model, start)
+        span = (i * trial_steps, total)
+        outcome = fit(model, groups(lr), train, val, trial, progress, on_progress, span, f"lr {lr:g}")
+        trials[lr] = (replace(outcome, lr=lr), _snapshot(model))
+    chosen = max(options.lr_grid, key=lambda lr: _score(trials[lr][0]))
+    _restore(model, start)
+    span = (len(options.lr_grid) * trial_steps, total)
+    outcome = replace(fit(model, groups(chosen), train, val, options, progress, on_progress, span), lr=chosen)
+    best_trial, state = trials[chosen]
+    if _score(best_trial) > _score(outcome):
+        _restore(model, state)
+        outcome = replace(best_trial, history=outcome.history, from_trial=True)
+    report = {f"{lr:g}": round(trials[lr][0].val_accuracy, 6) for lr in options.lr_grid}
+    return replace(outcome, lr_trials=report)
+
+
+def _score(outcome: FitOutcome) -> tuple[float, float]:
+    return outcome.val_accuracy, -outcome.val_loss
 
 
 def fit(
@@ -119,6 +145,8 @@ def fit(
     options: TrainOptions,
     progress: bool = True,
     on_progress: Progress | None = None,
+    span: tuple[int, int] | None = None,
+    desc: str = "training",
 ) -> FitOutcome:
     """AdamW on `param_groups` with cross-entropy; the model is evaluated on validation before training and
     after every epoch, early-stopped after `patience` epochs without improvement, and left at its best
@@ -130,7 +158,12 @@ def fit(
     best = (val_acc, -val_loss, 0, _snapshot(model))
     stale = 0
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    bar = tqdm(total=options.epochs * steps_per_epoch, desc="training", unit="step", disable=not progress)
+    total = options.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, options.warmup, options.schedule)
+    )
+    offset, reported = span or (0, total)  # progress: this fit's steps within a larger run
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
     for epoch in range(1, options.epochs + 1):
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
@@ -140,10 +173,11 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             losses.append(loss.item())
             bar.update(1)
-            if on_progress is not None:
-                on_progress("training", bar.n, options.epochs * steps_per_epoch)
+            if on_progress is not None:  # counted here: a disabled bar counts nothing
+                on_progress("training", offset + (epoch - 1) * steps_per_epoch + s + 1, reported)
         val_acc, val_loss = evaluate(model, val)
         history.append(
             {
@@ -163,7 +197,7 @@ def fit(
                 break
     bar.close()
     _restore(model, best[3])
-    return FitOutcome(history=history, best_epoch=best[2], val_accuracy=best[0])
+    return FitOutcome(history=history, best_epoch=best[2], val_accuracy=best[0], val_loss=-best[1])
 
 
 def probe_head(

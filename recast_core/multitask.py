@@ -27,12 +27,15 @@ from recast_core.bank import TemplateBank
 from recast_core.errors import PlanError
 from recast_core.reparam import matching_plan
 
+EDITED_KIND = "ffn_out"  # the module kind whose outputs a task may scale and shift per channel (RED)
+
 
 @dataclass(eq=False)
 class _Batch:
     """Routing of one forward: coefficient table per module and the row layout of the sorted sequences."""
 
     table: torch.Tensor  # (M, S, n) float32, table[m] contiguous
+    edits: tuple[torch.Tensor | None, torch.Tensor | None]  # FFN output (scale, shift): (L, S, H) or None
     sequence_slots: torch.Tensor  # (B,) slots of the sorted sequences
     sequence_segments: Segments  # runs of sequences per slot (order is None: already sorted)
     keys: Sequence[Hashable] | None
@@ -80,12 +83,19 @@ class SlotLinear(nn.Module):
     templates: torch.Tensor
 
     def __init__(
-        self, templates: torch.Tensor, bias: torch.Tensor | None, module: int, layer: int, router: _Router
+        self,
+        templates: torch.Tensor,
+        bias: torch.Tensor | None,
+        module: int,
+        layer: int,
+        router: _Router,
+        edit_layer: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("templates", templates, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.module, self.layer, self.router = module, layer, router
+        self.edit_layer = edit_layer  # FFN outputs: the transformer layer whose scale and shift apply
         self.in_features, self.out_features = int(templates.shape[2]), int(templates.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +105,11 @@ class SlotLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         slot, segments = batch.rows(rows.shape[0] // max(1, batch.sequence_slots.numel()))
         keys = None if batch.keys is None else _LayerKeys(self.layer, batch.keys)
+        scale, shift = (
+            (None, None)
+            if self.edit_layer is None
+            else (None if part is None else part[self.edit_layer] for part in batch.edits)
+        )
         y = self.router.kernels.linear(
             rows,
             slot,
@@ -103,6 +118,8 @@ class SlotLinear(nn.Module):
             self.bias,
             segments=segments,
             cache_keys=keys,
+            scale=scale,
+            shift=shift,
         )
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -132,7 +149,10 @@ class MultiTaskEncoder(nn.Module):
                     if not isinstance(old, nn.Linear):
                         kind = type(old).__name__
                         raise PlanError([f"serving supports nn.Linear modules only; {name} is {kind}"])
-                    new = SlotLinear(templates[:, r0:r1], old.bias, module_index, layer_index, self.router)
+                    edit = position if kp.kind.name == EDITED_KIND else None
+                    new = SlotLinear(
+                        templates[:, r0:r1], old.bias, module_index, layer_index, self.router, edit
+                    )
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child, new)
                     layer_index += 1
@@ -142,6 +162,9 @@ class MultiTaskEncoder(nn.Module):
         model.to(device=self.device, dtype=dtype)
         self.encoder = SentenceEncoder(model).eval()
         self.num_modules = module_index
+        edited = [kp for kp in plan.kinds if kp.kind.name == EDITED_KIND]
+        self.num_edited_layers = sum(len(kp.modules) for kp in edited)
+        self.edit_width = int(bank.template(EDITED_KIND, 0).shape[1]) if edited else 0
         self.num_templates = bank.num_templates
         self.base_coefficients = bank.base_coefficients.mean(dim=1).to(torch.float32)  # (M, n)
 
@@ -153,11 +176,18 @@ class MultiTaskEncoder(nn.Module):
         task_of_sequence: torch.Tensor,
         coefficients: torch.Tensor,
         cache_keys: Sequence[Hashable] | None = None,
+        ffn_scale: torch.Tensor | None = None,
+        ffn_shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, H) embeddings; sequence b uses coefficients[task_of_sequence[b]] ((S, M, n) table)."""
+        """(B, H) embeddings; sequence b uses coefficients[task_of_sequence[b]] ((S, M, n) table) and,
+        when given, the per-channel scale and shift ((S, L, H) tables) of every layer's FFN output."""
         m, n = self.num_modules, self.num_templates
         if coefficients.ndim != 3 or coefficients.shape[1:] != (m, n):
             raise ValueError(f"coefficients must be (S, {m}, {n}), got {tuple(coefficients.shape)}")
+        edit_shape = (coefficients.shape[0], self.num_edited_layers, self.edit_width)
+        for name, part in (("ffn_scale", ffn_scale), ("ffn_shift", ffn_shift)):
+            if part is not None and tuple(part.shape) != edit_shape:
+                raise ValueError(f"{name} must be {edit_shape}, got {tuple(part.shape)}")
         if task_of_sequence.shape != (input_ids.shape[0],):
             raise ValueError(
                 f"task_of_sequence must be ({input_ids.shape[0]},), got {tuple(task_of_sequence.shape)}"
@@ -173,6 +203,7 @@ class MultiTaskEncoder(nn.Module):
         segments = segments_of(sorted_slots)  # on the host: no layer waits for the device to route
         batch = _Batch(
             table=self._to_device(coefficients.to(torch.float32).permute(1, 0, 2).contiguous()),
+            edits=(self._edit_table(ffn_scale), self._edit_table(ffn_shift)),
             sequence_slots=self._to_device(sorted_slots),
             sequence_segments=Segments(
                 None, self._to_device(segments.starts), self._to_device(segments.slots)
@@ -188,6 +219,10 @@ class MultiTaskEncoder(nn.Module):
             self.router.batch = None
         order = self._to_device(order)
         return torch.empty_like(embeddings).index_copy_(0, order, embeddings)
+
+    def _edit_table(self, part: torch.Tensor | None) -> torch.Tensor | None:
+        """(S, L, H) -> (L, S, H) float32 on the device, each layer's (S, H) contiguous."""
+        return None if part is None else self._to_device(part.to(torch.float32).permute(1, 0, 2).contiguous())
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host tensor on the encoder's device: pinned and copied without blocking on CUDA."""

@@ -2,8 +2,11 @@
 
 The templates and every other backbone weight stay frozen. The head starts from a linear probe (logistic
 regression on the frozen embeddings, its regularisation chosen on the validation split), then head and
-coefficients are trained together (LP-FT: Kumar et al., ICLR 2022). Model selection and early stopping
-use the validation split only; the test split, when given, is evaluated once at the end.
+coefficients are trained together (LP-FT: Kumar et al., ICLR 2022): the coefficients at a much higher
+learning rate than the head (which starts at the probe's optimum), with warm-up and cosine decay; unless
+given, the coefficients' learning rate is chosen from a small grid by short trials on validation. Model
+selection and early stopping use the validation split only; the test split, when given, is evaluated
+once at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.data import LabelledTexts, require_classes, stratified_cap, stratified_split
 from recast_core.errors import DataError
-from recast_core.fitting import Progress, TrainOptions, evaluate, fit, probe_head, text_examples
+from recast_core.fitting import Progress, evaluate, fit_choosing_lr, probe_head, text_examples
 from recast_core.task_model import TextTaskModel
+from recast_core.train_options import TrainOptions
 
 __all__ = ["Progress", "TrainOptions", "TrainResult", "prepare_splits", "train_task"]
 
@@ -89,17 +93,24 @@ def train_task(
     if on_progress is not None:
         on_progress("embedding", 1, 1)
 
-    groups = [
-        {"params": list(model.reparam.coefficients), "lr": options.lr},
-        {"params": list(model.head.parameters()), "lr": options.head_lr},
-    ]
+    def groups(lr: float) -> list[dict[str, object]]:
+        return [
+            {"params": list(model.reparam.coefficients), "lr": lr},
+            {"params": list(model.head.parameters()), "lr": options.head_lr},
+        ]
+
     examples = {
         name: text_examples(backbone.tokenize, split.texts, y, options.max_length)
         for name, split, y in (("train", train, train_y), ("val", val, val_y))
     }
-    outcome = fit(model, groups, examples["train"], examples["val"], options, progress, on_progress)
+    outcome = fit_choosing_lr(
+        model, groups, examples["train"], examples["val"], options, progress, on_progress
+    )
     summary: dict[str, Any] = {
         "val_accuracy": outcome.val_accuracy,
+        "lr": outcome.lr,
+        "lr_trials": outcome.lr_trials,
+        "from_trial": outcome.from_trial,
         "best_epoch": outcome.best_epoch,
         "epochs_run": len(outcome.history) - 1,
         "probe_val_accuracy": probe_val,

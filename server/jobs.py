@@ -282,6 +282,8 @@ class JobManager:
             "train_examples": summary.get("train_examples"),
             "val_examples": summary.get("val_examples"),
             "epochs_run": summary.get("epochs_run"),
+            "lr": summary.get("lr"),
+            "lr_trials": summary.get("lr_trials"),
             "seconds": summary.get("seconds"),
         }
         self._end(work, "succeeded", result=result)

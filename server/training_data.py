@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recast_core.data import LabelledTexts, parse_labelled, require_classes
 from recast_core.errors import DataError
+from recast_core.train_options import TrainOptions
 from server.errors import BadInput
 
 MAX_CLASSES = 256
@@ -34,18 +35,38 @@ class Example(BaseModel):
     label: str = Field(description="its class name")
 
 
+CORE = TrainOptions()  # the API's defaults are the training code's
+
+
 class TrainingOptions(BaseModel):
     """Training options (the server's defaults when omitted)."""
 
     model_config = STRICT
-    epochs: int = Field(default=5, ge=EPOCHS[0], le=EPOCHS[1])
-    batch_size: int = Field(default=32, ge=1, le=256)
-    lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the coefficients")
-    head_lr: float = Field(default=2e-3, gt=0, le=1, description="learning rate of the classifier head")
-    max_length: int = Field(default=64, ge=MAX_LENGTH[0], le=MAX_LENGTH[1], description="tokens per text")
-    val_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="share held out for validation")
-    patience: int = Field(default=2, ge=1, le=50, description="epochs without improvement before stopping")
-    seed: int = Field(default=0, ge=SEED[0], le=SEED[1])
+    epochs: int = Field(default=CORE.epochs, ge=EPOCHS[0], le=EPOCHS[1])
+    batch_size: int = Field(default=CORE.batch_size, ge=1, le=256)
+    lr: float | None = Field(
+        default=CORE.lr,
+        gt=0,
+        le=1,
+        description="learning rate of the coefficients; null (the default): chosen on the validation split "
+        f"from {', '.join(f'{lr:g}' for lr in CORE.lr_grid)} by {CORE.select_epochs}-epoch trials",
+    )
+    head_lr: float = Field(
+        default=CORE.head_lr, gt=0, le=1, description="learning rate of the classifier head"
+    )
+    select_epochs: int = Field(
+        default=CORE.select_epochs, ge=1, le=10, description="epochs of each learning-rate trial (lr null)"
+    )
+    max_length: int = Field(
+        default=CORE.max_length, ge=MAX_LENGTH[0], le=MAX_LENGTH[1], description="tokens per text"
+    )
+    val_fraction: float = Field(
+        default=CORE.val_fraction, ge=0.05, le=0.5, description="share held out for validation"
+    )
+    patience: int = Field(
+        default=CORE.patience, ge=1, le=50, description="epochs without improvement before stopping"
+    )
+    seed: int = Field(default=CORE.seed, ge=SEED[0], le=SEED[1])
 
 
 class TrainRequest(BaseModel):

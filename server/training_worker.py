@@ -61,7 +61,7 @@ def _train(spec: WorkerSpec, conn: Connection) -> tuple[str, bytes, dict[str, An
     from recast_core.bank import load_bank
     from recast_core.data import LabelledTexts
     from recast_core.errors import BankError
-    from recast_core.fitting import TrainOptions
+    from recast_core.train_options import TrainOptions
     from recast_core.training import train_task
 
     torch.set_num_threads(spec.threads)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from recast_core.data import load_labelled
+from recast_core.train_options import LR_GRID
 
 RECAST = str(Path(sys.executable).with_name("recast"))
 
@@ -62,9 +63,13 @@ def test_train_inspect_predict(cli_bank: Path, data_dir: Path, tmp_path: Path) -
         str(task),
         "--epochs",
         "2",
+        "--select-epochs",
+        "1",
     )
     assert "validation accuracy" in proc.stdout and "test accuracy" in proc.stdout
+    assert "coefficient learning rate" in proc.stdout and "chosen on validation" in proc.stdout
     info = json.loads(run("inspect", str(task)).stdout)
+    assert info["training"]["lr"] in LR_GRID and len(info["training"]["lr_trials"]) == len(LR_GRID)
     assert info["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
     assert info["trainable_parameters"] == 48 and info["head_parameters"] == 6 * 385
     assert info["bytes"] == task.stat().st_size < 16 * 1024

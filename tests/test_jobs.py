@@ -14,6 +14,7 @@ from server_harness import serving, training_settings
 
 from recast_cli.main import main as recast
 from recast_core.datasets import Splits, load_splits
+from recast_core.train_options import LR_GRID
 from server.catalog import TaskCatalog
 from server.errors import UnknownJob
 from server.jobs import Job, JobManager
@@ -24,7 +25,7 @@ from server.stores.jobs import DirectoryJobStore
 
 KEY = "jobs-admin"
 ADMIN = {"Authorization": f"Bearer {KEY}"}
-FAST = {"epochs": 2, "max_length": 32, "batch_size": 32}
+FAST = {"epochs": 2, "max_length": 32, "batch_size": 32, "select_epochs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,8 @@ def test_a_job_trains_publishes_and_serves_a_task(
         result = done["result"]
         assert result["version"] == 1 and result["train_examples"] + result["val_examples"] == len(examples)
         assert result["val_accuracy"] >= 0.8  # SMS spam is easy; a broken training would be near 0.5
+        # no lr in the options: it was chosen on validation, and the result says which
+        assert result["lr"] in LR_GRID and len(result["lr_trials"]) == len(LR_GRID)
 
         task = http.get("/v1/tasks/spam").json()
         assert task["version"] == 1 and task["labels"] == ["ham", "spam"]

@@ -353,3 +353,59 @@ def test_microkernel_on_fused_qkv_row_slices(fused: TorchPath) -> None:
     for member in qkv.split(48, dim=1):  # non-contiguous (n, 48, 40) views of one template tensor
         want = reference.segmented_template_linear(x, slot, member, coeffs, None)
         torch.testing.assert_close(fused.linear(x, segments_of(slot), member, coeffs, None), want)
+
+
+def _scale_shift(num_slots: int, out: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return 1 + 0.3 * torch.randn(num_slots, out, generator=gen), torch.randn(num_slots, out, generator=gen)
+
+
+@pytest.mark.parametrize("shape", [(384, 1536), (37, 50)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("layout", ["random", "one_task", "all_different"])
+def test_every_variant_applies_per_task_scale_and_shift(
+    fused: TorchPath, shape: tuple[int, int], layout: str
+) -> None:
+    """(x W^T + b) * scale[slot] + shift[slot]: in BRGEMM's epilogue, after the other variants."""
+    x, slot, templates, coeffs, bias = _problem(*shape, rows=300, num_slots=7)
+    if layout == "one_task":
+        slot = torch.full_like(slot, 2)
+    elif layout == "all_different":
+        x, slot = x[:7], torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    scale, shift = _scale_shift(7, shape[0])
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias, scale, shift)
+    got = fused.linear(x, segments_of(slot), templates, coeffs, bias, scale=scale, shift=shift)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    only_scale = fused.linear(x, segments_of(slot), templates, coeffs, None, scale=scale)
+    want_scale = reference.segmented_template_linear(x, slot, templates, coeffs, None, scale, None)
+    torch.testing.assert_close(only_scale, want_scale, rtol=1e-5, atol=1e-4)
+    if layout != "one_task":
+        _ran(fused, fused.chooser.forced or "")
+
+
+@pytest.mark.parametrize("variant", BFLOAT16_VARIANTS)
+def test_bfloat16_variants_apply_scale_and_shift(variant: str) -> None:
+    path = TorchPath(ComposedWeightCache(1 << 24), variant=variant)
+    if variant not in path.variants(torch.bfloat16):
+        pytest.skip("no native bfloat16 on this CPU: BRGEMM refuses it")
+    x, slot, templates, coeffs, bias = _problem(384, 1536, rows=300, num_slots=7)
+    scale, shift = _scale_shift(7, 384)
+    x, templates, bias = x.bfloat16(), templates.bfloat16(), bias.bfloat16()
+    want = reference.segmented_template_linear(
+        x.float(), slot, templates.float(), coeffs, bias.float(), scale, shift
+    )
+    got = path.linear(x, segments_of(slot), templates, coeffs, bias, scale=scale, shift=shift)
+    assert got.dtype == torch.bfloat16
+    error = (got.float() - want).norm() / want.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("kernel_path", ["reference", "torch"])
+def test_dispatcher_passes_scale_and_shift(kernel_path: str) -> None:
+    x, slot, templates, coeffs, bias = _problem(37, 50, rows=40, num_slots=5)
+    scale, shift = _scale_shift(5, 37)
+    kernels = Kernels("cpu", path=kernel_path)
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias, scale, shift)
+    got = kernels.linear(x, slot, templates, coeffs, bias, scale=scale, shift=shift)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="shift must be a float"):
+        kernels.linear(x, slot, templates, coeffs, bias, shift=torch.zeros(4, 37))

@@ -169,3 +169,29 @@ def test_base_coefficients_reproduce_the_backbone_layer(
                 x.to(DEVICE), slot.to(DEVICE), templates.to(DEVICE), coeffs.to(DEVICE), module.bias.to(DEVICE)
             )
             torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def _scale_shift(rows: int, out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (1 + 0.3 * torch.randn(rows, out, generator=gen)).to(DEVICE), torch.randn(
+        rows, out, generator=gen
+    ).to(DEVICE)
+
+
+@pytest.mark.parametrize("parts", ["scale", "shift", "both"])
+@pytest.mark.parametrize("kind", ["random", "one_task", "all_different"])
+@pytest.mark.parametrize("name", sorted(LINEAR_KERNELS))
+def test_linear_kernels_per_task_scale_and_shift(name: str, kind: str, parts: str) -> None:
+    """The optional (S, out) per-task output scale and shift, applied in the kernels' epilogue."""
+    kernel, ref = LINEAR_KERNELS[name]
+    x, slot, templates, coeffs, bias = _problem(37, 50, 24, kind, torch.float32, seed=2)
+    scale, shift = _scale_shift(coeffs.shape[0], 37, seed=3)
+    scale = scale if parts in ("scale", "both") else None
+    shift = shift if parts in ("shift", "both") else None
+    want = reference.segmented_template_linear(x, slot, templates, coeffs, bias, scale, shift)
+    _close(kernel(x, slot, templates, coeffs, bias, scale=scale, shift=shift), want, torch.float32)
+    _close(ref(x, slot, templates, coeffs, bias, scale, shift), want, torch.float32)
+    plain = reference.segmented_template_linear(x, slot, templates, coeffs, bias)
+    assert not torch.allclose(want, plain), "the scale and shift must change the output"
+    with pytest.raises(ValueError, match="scale must be a float"):
+        kernel(x, slot, templates, coeffs, bias, scale=torch.ones(coeffs.shape[0], 36, device=DEVICE))

@@ -77,3 +77,41 @@ def test_other_backbone_is_rejected(backbone: TextBackbone, default_bank: Templa
         next(p for n, p in other.model.named_parameters() if "LayerNorm" in n).add_(1.0)
     with pytest.raises(BankError, match="another backbone"):
         MultiTaskEncoder(other, default_bank, Kernels("cpu", path="torch"))
+
+
+@pytest.mark.parametrize("path", ["torch", "reference"])
+def test_ffn_output_scale_and_shift_per_task(
+    backbone: TextBackbone, default_bank: TemplateBank, path: str
+) -> None:
+    """Per-task per-channel scale and shift of every layer's FFN output (RED), in one mixed batch: each
+    sequence equals the plain backbone with its own task's edit applied by forward hooks."""
+    encoder = MultiTaskEncoder(backbone, default_bank, Kernels("cpu", path=path))
+    layers, width = encoder.num_edited_layers, encoder.edit_width
+    assert (layers, width) == (6, 384)
+    gen = torch.Generator().manual_seed(4)
+    scale = 1 + 0.2 * torch.randn(2, layers, width, generator=gen)
+    shift = 0.1 * torch.randn(2, layers, width, generator=gen)
+    texts = sample_sentences()[:6]
+    tokens = backbone.tokenize(texts, max_length=32)
+    tasks = torch.tensor([1, 0, 1, 0, 0, 1])
+    table = encoder.base_coefficients.unsqueeze(0).repeat(2, 1, 1)
+    got = encoder(
+        tokens["input_ids"], tokens["attention_mask"], tasks, table, ffn_scale=scale, ffn_shift=shift
+    )
+    for s in range(2):
+        outputs = [layer.output.dense for layer in backbone.model.encoder.layer]
+        hooks = [
+            dense.register_forward_hook(lambda _m, _i, y, a=scale[s, i], b=shift[s, i]: y * a + b)
+            for i, dense in enumerate(outputs)
+        ]
+        try:
+            want = backbone.embed(texts, max_length=32)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        rows = tasks == s
+        torch.testing.assert_close(got[rows], want[rows], rtol=1e-3, atol=1e-4)
+    plain = encoder(tokens["input_ids"], tokens["attention_mask"], tasks, table)
+    assert (plain - got).abs().max() > 1e-2, "the edit must change the embeddings"
+    with pytest.raises(ValueError, match="ffn_scale must be"):
+        encoder(tokens["input_ids"], tokens["attention_mask"], tasks, table, ffn_scale=scale[:, :5])

@@ -13,12 +13,13 @@ from sklearn.linear_model import LogisticRegression
 from recast_core.artifact import read_artifact
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
-from recast_core.datasets import Splits
+from recast_core.datasets import Splits, load_splits
 from recast_core.errors import DataError
 from recast_core.task_model import TextTaskModel, artifact_spec
 from recast_core.training import TrainOptions, TrainResult, prepare_splits, train_task
 
-OPTIONS = TrainOptions(epochs=3, max_train_examples=1000, seed=0)
+# the default recipe (learning rate chosen on validation); the data capped so the test stays bounded
+OPTIONS = TrainOptions(max_train_examples=600, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,25 @@ def test_task_beats_majority_and_linear_probe(
     probe = _probe_test_accuracy(backbone, trec)
     assert summary["test_accuracy"] > majority + 0.4
     assert summary["test_accuracy"] >= probe, (summary["test_accuracy"], probe)
-    assert summary["val_accuracy"] >= summary["probe_val_accuracy"]
-    assert summary["train_examples"] == 1000 and summary["test_examples"] == len(trec.test)
+    assert summary["val_accuracy"] > summary["probe_val_accuracy"], "the defaults must beat the probe"
+    assert summary["lr"] in OPTIONS.lr_grid and len(summary["lr_trials"]) == len(OPTIONS.lr_grid)
+    assert abs(summary["train_examples"] - 600) <= 6  # the cap, stratified per class (6 classes)
+    assert summary["test_examples"] == len(trec.test)
     # the backbone changed through 48 coefficients only
     artifact = trained.artifact
     assert artifact.trainable_parameters == 48
     assert summary["best_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_defaults_beat_the_probe_on_a_second_task(backbone: TextBackbone, default_bank: TemplateBank) -> None:
+    """The default recipe on another bundled task: coefficients and head trained beyond the probe's
+    validation accuracy (a probe-initialised head with untouched coefficients would only tie it)."""
+    splits = load_splits("tweet_sentiment")
+    result = train_task(backbone, default_bank, splits.train, val=splits.val, options=OPTIONS, progress=False)
+    summary = result.summary
+    assert summary["val_accuracy"] > summary["probe_val_accuracy"], summary
+    assert summary["best_epoch"] >= 1 and summary["lr"] in OPTIONS.lr_grid
 
 
 @pytest.mark.slow

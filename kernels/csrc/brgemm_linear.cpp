@@ -120,23 +120,45 @@ ComposeBf16 pick_compose_bf16() {
   return compose_bf16_portable;
 }
 
-// y[r, 0:w] = bf16(acc[r, 0:w] + bias[0:w]) for r < m
-RECAST_CLONES void store_bf16(const float* acc, int64_t ld_acc, const float* bias, int64_t m, int64_t w,
-                              uint16_t* y, int64_t ld_y) {
+// The epilogue of one (rows, column block) tile: bias, then the task's per-channel scale and shift.
+struct Epilogue {
+  const float* bias;   // (w,) or null
+  const float* scale;  // (w,) of the segment's task, or null
+  const float* shift;  // (w,) of the segment's task, or null
+};
+
+// y[r, 0:w] = bf16(((acc[r, 0:w] + bias) * scale + shift)) for r < m (each part optional)
+RECAST_CLONES void store_bf16(const float* acc, int64_t ld_acc, Epilogue e, int64_t m, int64_t w, uint16_t* y,
+                              int64_t ld_y) {
   for (int64_t r = 0; r < m; ++r) {
     const float* a = acc + r * ld_acc;
     uint16_t* o = y + r * ld_y;
-    if (bias != nullptr)
-      for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c] + bias[c]);
-    else
-      for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c]);
+    if (e.scale == nullptr && e.shift == nullptr) {
+      if (e.bias != nullptr)
+        for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c] + e.bias[c]);
+      else
+        for (int64_t c = 0; c < w; ++c) o[c] = f32_to_bf16(a[c]);
+      continue;
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      float v = e.bias != nullptr ? a[c] + e.bias[c] : a[c];
+      if (e.scale != nullptr) v *= e.scale[c];
+      if (e.shift != nullptr) v += e.shift[c];
+      o[c] = f32_to_bf16(v);
+    }
   }
 }
 
-RECAST_CLONES void add_bias_f32(const float* bias, int64_t m, int64_t w, float* y, int64_t ld_y) {
+// y[r, 0:w] = (y[r, 0:w] + bias) * scale + shift in place (float32; each part optional)
+RECAST_CLONES void finish_f32(Epilogue e, int64_t m, int64_t w, float* y, int64_t ld_y) {
   for (int64_t r = 0; r < m; ++r) {
     float* o = y + r * ld_y;
-    for (int64_t c = 0; c < w; ++c) o[c] += bias[c];
+    if (e.bias != nullptr)
+      for (int64_t c = 0; c < w; ++c) o[c] += e.bias[c];
+    if (e.scale != nullptr)
+      for (int64_t c = 0; c < w; ++c) o[c] *= e.scale[c];
+    if (e.shift != nullptr)
+      for (int64_t c = 0; c < w; ++c) o[c] += e.shift[c];
   }
 }
 
@@ -146,11 +168,29 @@ struct Problem {
   const int64_t* slots;
   const float* coeffs;
   const float* bias;
+  const float* scale;  // (S, out) or null
+  const float* shift;  // (S, out) or null
+
+  // the epilogue of slot `slot`'s rows in the column block starting at `col`
+  Epilogue at(int64_t slot, int64_t col) const {
+    return Epilogue{bias == nullptr ? nullptr : bias + col,
+                    scale == nullptr ? nullptr : scale + slot * out + col,
+                    shift == nullptr ? nullptr : shift + slot * out + col};
+  }
 };
+
+// An optional float32 (rows, cols) matrix: empty for none.
+const float* optional_rows(const torch::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
+                  t.scalar_type() == at::kFloat,
+              "brgemm_segmented_linear: ", what, " must be a contiguous float32 (S, out) matrix or empty");
+  return t.data_ptr<float>();
+}
 
 Problem check(const torch::Tensor& x, const torch::Tensor& starts, const torch::Tensor& slots,
               const torch::Tensor& packed, const torch::Tensor& coeffs, const torch::Tensor& bias,
-              int64_t out, int64_t nb, int64_t mb) {
+              const torch::Tensor& scale, const torch::Tensor& shift, int64_t out, int64_t nb, int64_t mb) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "brgemm_segmented_linear: x must be a contiguous (T, in) matrix");
   TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "brgemm_segmented_linear: x and packed dtypes differ");
   TORCH_CHECK(coeffs.scalar_type() == at::kFloat && coeffs.dim() == 2 && coeffs.is_contiguous(),
@@ -176,7 +216,8 @@ Problem check(const torch::Tensor& x, const torch::Tensor& starts, const torch::
     TORCH_CHECK(sp[j] <= sp[j + 1] && sp[j + 1] <= rows, "brgemm_segmented_linear: bad segment bounds");
   }
   return Problem{rows, in, out, n, nb, mb, num_blocks, num_segments, sp, slp, coeffs.data_ptr<float>(),
-                 has_bias ? bias.data_ptr<float>() : nullptr};
+                 has_bias ? bias.data_ptr<float>() : nullptr, optional_rows(scale, num_slots, out, "scale"),
+                 optional_rows(shift, num_slots, out, "shift")};
 }
 
 template <typename T, typename Compose, typename Epilogue>
@@ -195,7 +236,7 @@ void run(const Problem& p, const T* xp, const T* pp, T* yp, bool vnni, Compose c
       const int64_t col = b * p.nb, width = std::min(p.nb, p.out - col);
       for (int64_t r = r0; r < r1; r += p.mb) {
         const int64_t m = std::min(p.mb, r1 - r);
-        epilogue(m, width, xp + r * p.in, weight.data(), acc.data(), yp + r * p.out + col, col);
+        epilogue(m, width, xp + r * p.in, weight.data(), acc.data(), yp + r * p.out + col, p.at(p.slots[j], col));
       }
     }
     at::native::cpublas::brgemm_release(vnni);
@@ -206,20 +247,23 @@ void run(const Problem& p, const T* xp, const T* pp, T* yp, bool vnni, Compose c
 
 // x (T, in) float32, bfloat16 or float16 rows sorted by slot; starts (G + 1,), slots (G,) int64; packed
 // (n, ceil(out / nb), in * nb) in x's dtype (see kernels/packed_templates.py); coeffs (S, n) float32; bias
-// (out,) float32 or empty; nb output columns per block; mb rows per BRGEMM call. Returns y (T, out), x's dtype.
+// (out,) float32 or empty; scale and shift (S, out) float32 or empty (each row's task's output scale and
+// shift, applied after the bias); nb output columns per block; mb rows per BRGEMM call. Returns y (T, out),
+// x's dtype.
 torch::Tensor brgemm_segmented_linear(torch::Tensor x, torch::Tensor starts, torch::Tensor slots,
                                       torch::Tensor packed, torch::Tensor coeffs, torch::Tensor bias,
-                                      int64_t out, int64_t nb, int64_t mb) {
-  const Problem p = check(x, starts, slots, packed, coeffs, bias, out, nb, mb);
+                                      torch::Tensor scale, torch::Tensor shift, int64_t out, int64_t nb,
+                                      int64_t mb) {
+  const Problem p = check(x, starts, slots, packed, coeffs, bias, scale, shift, out, nb, mb);
   auto y = torch::empty({p.rows, out}, x.options());
   if (p.rows == 0 || p.num_segments == 0) return y;
-  const float* bp = p.bias;
   const int64_t in = p.in, nbw = p.nb, ldy = out;
+  const bool plain = p.bias == nullptr && p.scale == nullptr && p.shift == nullptr;
   if (x.scalar_type() == at::kFloat) {
     run<float>(p, x.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), false, compose_f32,
-               [&](int64_t m, int64_t w, const float* a, const float* w_block, float*, float* c, int64_t col) {
+               [&](int64_t m, int64_t w, const float* a, const float* w_block, float*, float* c, Epilogue e) {
                  at::native::cpublas::brgemm(m, w, in, in, nbw, ldy, false, a, w_block, c, false);
-                 if (bp != nullptr) add_bias_f32(bp + col, m, w, c, ldy);
+                 if (!plain) finish_f32(e, m, w, c, ldy);
                });
     return y;
   }
@@ -231,11 +275,11 @@ torch::Tensor brgemm_segmented_linear(torch::Tensor x, torch::Tensor starts, tor
   static const ComposeBf16 compose_bf16 = pick_compose_bf16();
   run<uint16_t>(p, xp, pp, yp, true, compose_bf16,
                 [&](int64_t m, int64_t w, const uint16_t* a, const uint16_t* w_block, float* acc, uint16_t* c,
-                    int64_t col) {
+                    Epilogue e) {
                   at::native::cpublas::brgemm(m, w, in, in, nbw, nbw, false,
                                               reinterpret_cast<const at::BFloat16*>(a),
                                               reinterpret_cast<const at::BFloat16*>(w_block), acc, true);
-                  store_bf16(acc, nbw, bp == nullptr ? nullptr : bp + col, m, w, c, ldy);
+                  store_bf16(acc, nbw, e, m, w, c, ldy);
                 });
   return y;
 }

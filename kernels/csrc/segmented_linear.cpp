@@ -283,7 +283,8 @@ torch::Tensor segmented_linear_packed(torch::Tensor x, torch::Tensor starts, tor
 // brgemm_linear.cpp
 torch::Tensor brgemm_segmented_linear(torch::Tensor x, torch::Tensor starts, torch::Tensor slots,
                                       torch::Tensor packed, torch::Tensor coeffs, torch::Tensor bias,
-                                      int64_t out, int64_t nb, int64_t mb);
+                                      torch::Tensor scale, torch::Tensor shift, int64_t out, int64_t nb,
+                                      int64_t mb);
 bool brgemm_supported(torch::ScalarType dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -292,6 +293,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused segmented template linear on packed templates with the AVX2 micro-kernel (float32, CPU)");
   m.def("has_microkernel", &has_microkernel, "whether the AVX2/FMA micro-kernel was compiled in");
   m.def("brgemm_segmented_linear", &brgemm_segmented_linear,
-        "fused segmented template linear on oneDNN BRGEMM (float32 or bfloat16, CPU)");
+        "fused segmented template linear on oneDNN BRGEMM with an optional per-task output scale and "
+        "shift (float32 or bfloat16, CPU)");
   m.def("brgemm_supported", &brgemm_supported, "whether BRGEMM runs natively for a dtype on this CPU");
 }
