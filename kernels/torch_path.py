@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kernels import cpu_ext
 from kernels.packed_templates import STACKED, Layout, PackedTemplateCache
-from kernels.reference import compose
+from kernels.reference import compose, row_epilogue
 from kernels.segments import Segments
 from kernels.variant_choice import VariantChooser, forced_variant, kind_of
 from kernels.weight_cache import ComposedWeightCache
@@ -216,7 +216,7 @@ def _row(part: torch.Tensor | None, s: int) -> torch.Tensor | None:
 
 
 def _affine(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
-    """y * scale + shift with (out,) or per-row (T, out) parts, in float32, in y's dtype."""
+    """y * scale + shift with (out,) parts broadcast over the rows (one slot), in float32, in y's dtype."""
     if scale is None and shift is None:
         return y
     out = y.float()
@@ -235,7 +235,7 @@ def _row_affine(
         return y
     lengths = segments.starts[1:] - segments.starts[:-1]
     rows = segments.scatter(torch.repeat_interleave(segments.slots, lengths))
-    return _affine(y, None if scale is None else scale[rows], None if shift is None else shift[rows])
+    return row_epilogue(y, rows, scale, shift)
 
 
 def _then_affine(
