@@ -35,15 +35,26 @@ from recast_core.training import TrainOptions, prepare_splits, train_task
 
 TEXT_TASKS = ("sms_spam", "trec", "movie_reviews", "tweet_sentiment")
 TASKS = TEXT_TASKS + VISION_TASKS
-METHODS = ("linear_probe", "recast", "recast_compressed", "recast_wide", "lora_r8", "full_ft")
+METHODS = (
+    "linear_probe",
+    "recast",
+    "recast_compressed",
+    "recast_wide",
+    "recast_ffn",
+    "lora_r8",
+    "full_ft",
+)
 # recast: the paper's method on the default bank (the reference row); recast_compressed: fewer templates
 # than layers in the one group; recast_wide (gap-closing extension): one group spanning all 6 layers with
-# 6 templates, so every layer mixes every layer's template (6 coefficients per module instead of 2).
+# 6 templates, so every layer mixes every layer's template (6 coefficients per module instead of 2);
+# recast_ffn: the default bank's coefficients plus a per-channel scale and shift of every FFN output.
 BANKS = {
     "recast": minilm_config(),
     "recast_compressed": minilm_config(groups=1, templates=3),
     "recast_wide": minilm_config(groups=1, templates=6),
 }
+BANK_OF = {name: name for name in BANKS} | {"recast_ffn": "recast"}  # method -> the bank it trains on
+CAPACITY_OF = {"recast_ffn": "ffn_edit"}  # method -> TrainOptions.capacity (else the coefficients alone)
 
 
 @dataclass(frozen=True)
@@ -113,18 +124,18 @@ def run_one(
         max_train_examples=budget.max_train,
         seed=seed,
         select_epochs=budget.select_epochs,
+        capacity=CAPACITY_OF.get(method, "coefficients"),
     )  # every method's learning rate is chosen on validation (TrainOptions.lr None)
     val, test = _cap(splits.val, budget.max_eval), _cap(splits.test, budget.max_eval)
     start = time.perf_counter()
-    if method in BANKS:
-        result = train_task(
-            backbone, banks[method], splits.train, val=val, test=test, options=options, progress=False
-        )
+    if method in BANK_OF:
+        bank = banks[BANK_OF[method]]
+        result = train_task(backbone, bank, splits.train, val=val, test=test, options=options, progress=False)
         art = result.artifact
         row = {
             "test_accuracy": art.training["test_accuracy"],
             "val_accuracy": art.training["val_accuracy"],
-            "trainable_params": art.trainable_parameters * banks[method].config.coeff_sets,
+            "trainable_params": art.coefficients.numel() * bank.config.coeff_sets + art.edit_parameters,
             "stored_params": art.trainable_parameters,
             "head_params": art.head_parameters,
             "artifact_bytes": len(art.to_bytes()),
@@ -186,7 +197,7 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
         size = sorted(r["artifact_bytes"] for r in rows_m)[len(rows_m) // 2]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {means[m]:.2f} | {params:,} | {size:,} |")
     _plot(runs, methods, out / "results.png")
-    gaps = [headline(runs, m) for m in ("recast", "recast_wide") if m in methods]
+    gaps = [headline(runs, m) for m in ("recast", "recast_wide", "recast_ffn") if m in methods]
     return "\n".join(lines) + "\n\n" + "\n".join(g for g in gaps if g)
 
 
@@ -270,7 +281,8 @@ def main() -> None:
     done = {(r["task"], r["method"], r["seed"]) for r in runs}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_text_backbone()
-    banks = {name: _bank(name, backbone, args.cache) for name in BANKS if name in args.methods}
+    wanted = {BANK_OF[m] for m in args.methods if m in BANK_OF}
+    banks = {name: _bank(name, backbone, args.cache) for name in BANKS if name in wanted}
     from tqdm.auto import tqdm
 
     plan = [p for p in _planned(tuple(args.tasks), tuple(args.methods), budget) if p not in done]

@@ -22,6 +22,7 @@ from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from recast_core.config import RecastConfig
 from recast_core.data import stratified_cap
+from recast_core.ffn_edit import FfnEdit
 from recast_core.fitting import (
     FitOutcome,
     evaluate,
@@ -40,6 +41,8 @@ BACKBONES: dict[str, tuple[Callable[..., TinyViT | TinyResNet], Callable[..., Re
     "vit": (TinyViT, vit_config, ["qkv", "proj", "fc1", "fc2"]),
     "resnet": (TinyResNet, resnet_config, ["conv1", "conv2"]),
 }
+# recast_ffn: the kind whose outputs are scaled and shifted per channel (the block's last module)
+EDITED_KINDS = {"vit": "ffn_out", "resnet": "conv2"}
 TASKS: dict[str, Callable[[], ImageSplits]] = {
     "fashion_5_9": lambda: fashion_splits(range(5, 10)),
     "digits": digits_splits,
@@ -48,7 +51,8 @@ VISION_TASKS = tuple(f"{task}@{backbone}" for backbone in BACKBONES for task in 
 # the learning rates each method's trials choose from on validation (RECAST: the training default grid)
 LR_GRIDS = {"lora_r8": (3e-4, 1e-3, 3e-3), "full_ft": (1e-4, 3e-4, 1e-3)}
 # (groups, templates per group) of each RECAST bank on the 4-block backbones
-BANK_SHAPES = {"recast": (2, 2), "recast_compressed": (1, 2), "recast_wide": (1, 4)}
+BANK_SHAPES = {"recast": (2, 2), "recast_compressed": (1, 2), "recast_wide": (1, 4), "recast_ffn": (2, 2)}
+BANK_OF = {"recast_ffn": "recast"}  # methods that train on another method's bank
 
 
 Backbone = TinyViT | TinyResNet
@@ -123,7 +127,7 @@ def run_vision(
     task_name, backbone_name = task.split("@")
     _, make_config, lora_targets = BACKBONES[backbone_name]
     base = pretrained(backbone_name, cache, *pretrain, progress=False)
-    key = f"{backbone_name}-{method}"
+    key = f"{backbone_name}-{BANK_OF.get(method, method)}"
     if method in BANK_SHAPES and key not in banks:
         num_groups, num_templates = BANK_SHAPES[method]
         config = make_config(groups=num_groups, templates=num_templates)
@@ -151,11 +155,15 @@ def run_vision(
     head = {"head.weight": classifier.head.weight, "head.bias": classifier.head.bias}
     head_params = sum(p.numel() for p in classifier.head.parameters())
     body: list[nn.Parameter] = []
+    edit: FfnEdit | None = None
     outcome: FitOutcome | None = None
     size = stored_bytes(head)
     if method in BANK_SHAPES:
         reparam = reparameterize(model, banks[key])
         body = list(reparam.coefficients)
+        if method == "recast_ffn":
+            edit = FfnEdit(model, reparam.plan, EDITED_KINDS[backbone_name])
+            body += list(edit.parameters())
     elif method == "lora_r8":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -184,6 +192,8 @@ def run_vision(
             head_bias=classifier.head.bias.detach().clone(),
             labels=train.classes,
             bank_fingerprint=banks[key].fingerprint,
+            ffn_scale=None if edit is None else edit.values()[0],
+            ffn_shift=None if edit is None else edit.values()[1],
         )
         size = len(artifact.to_bytes())
     elif body:
@@ -196,7 +206,8 @@ def run_vision(
         "val_accuracy": outcome.val_accuracy if outcome else evaluate(classifier, ex["val"])[0],
         "trainable_params": sum(p.numel() for p in body),
         "stored_params": sum(p.numel() for p in body)
-        // (banks[key].config.coeff_sets if method.startswith("recast") else 1),
+        if not method.startswith("recast")
+        else artifact.trainable_parameters,
         "head_params": head_params,
         "artifact_bytes": size,
         "train_seconds": round(time.perf_counter() - start, 2),

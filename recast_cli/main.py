@@ -14,7 +14,7 @@ from typing import Any
 from recast_cli.logs import configure
 from recast_client.errors import RecastClientError
 from recast_core.errors import RecastError
-from recast_core.train_options import TrainOptions
+from recast_core.train_options import CAPACITIES, TrainOptions
 
 log = logging.getLogger("recast")
 
@@ -81,6 +81,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         seed=args.seed,
+        capacity=args.capacity,
     )
     backbone, bank = _load(args)
     result = train_task(backbone, bank, train, val=val, test=test, options=options)
@@ -94,7 +95,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     print(line)
     print(
-        f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} coefficients, "
+        f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} trained parameters "
+        f"({summary['capacity']}), "
         f"{len(result.artifact.labels)} labels)"
     )
 
@@ -356,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive, default=TRAIN_DEFAULTS.max_length)
     p.add_argument("--max-train-examples", type=_positive)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--capacity",
+        choices=CAPACITIES,
+        default=TRAIN_DEFAULTS.capacity,
+        help="what the task trains beside its head: coefficients (the per-module template mix) or "
+        "ffn_edit (those plus a per-channel scale and shift of every layer's FFN output)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("inspect", help="print a task artifact's metadata as JSON")

@@ -1,14 +1,18 @@
 """Task artifacts: a few KB of safetensors holding one task's coefficients and classifier head.
 
-Tensors: `coefficients` (M, n) float32 (the K sets collapsed), `head.weight` (C, H), `head.bias` (C,).
+Tensors: `coefficients` (M, n) float32 (the K sets collapsed), `head.weight` (C, H), `head.bias` (C,);
+from schema 3 on, optionally `ffn.scale` and `ffn.shift` (L, H') together: a per-channel scale and shift of
+every layer's FFN output (representation editing), for banks that have an FFN output kind.
 Metadata (all strings): `schema_version`, `bank_fingerprint`, `labels` (JSON list of C strings),
 `created` (ISO 8601 UTC), `training` (JSON object), `tensor_sha256` (hex sha256 of the tensor data, the
-bytes after the header; schema 2 on; schema 1 artifacts, written before it existed, still load).
+bytes after the header; schema 2 on; schema 1 artifacts, written before it existed, still load, and so
+do schema 2 artifacts, written before the FFN edit existed).
 
 Loading parses the header itself before any tensor is materialised, so truncated files, huge headers
 and bad offsets fail fast with a typed error. Metadata JSON is parsed with bounded numbers (no integer of
 more than MAX_NUMBER_DIGITS digits, no NaN or Infinity). Values are bounded so that no logit can overflow:
-|coefficient| <= MAX_ABS_COEFFICIENT, and with the backbone's embedding bound E (|embedding_j| <= E),
+|coefficient| <= MAX_ABS_COEFFICIENT, |FFN scale and shift| <= MAX_ABS_EDIT, and with the backbone's
+embedding bound E (|embedding_j| <= E),
 E * sum_j |head.weight[c, j]| + |head.bias[c]| <= MAX_LOGIT for every class c.
 """
 
@@ -43,14 +47,17 @@ from recast_core.errors import (
 )
 from recast_core.files import write_atomic
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = ("1", "2")  # 1: before tensor_sha256
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = ("1", "2", "3")  # 1: before tensor_sha256; 2: before the optional FFN edit
 KEYS = ("coefficients", "head.bias", "head.weight")
+EDIT_KEYS = ("ffn.scale", "ffn.shift")  # optional, together, from schema 3 on
+FIRST_EDIT_SCHEMA = 3
 METADATA_KEYS = ("bank_fingerprint", "created", "labels", "schema_version", "training")
 CHECKSUM_KEY = "tensor_sha256"
 MAX_CREATED_CHARS = 64
 MAX_NUMBER_DIGITS = 64  # digits of a number in the metadata JSON (Python refuses ints over 4,300)
 MAX_ABS_COEFFICIENT = 1e3  # trained coefficients are O(1): this keeps every activation finite in fp32/bf16
+MAX_ABS_EDIT = 1e3  # FFN scales are O(1) and shifts O(0.1): the same headroom
 MAX_LOGIT = 1e30  # far below float32's 3.4e38: logits stay finite however the head is computed
 MAX_ABS_HEAD_VALUE = 1e12  # without a known embedding bound, head values are bounded one by one
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -84,6 +91,8 @@ class ArtifactSpec:
     max_bytes: int = DEFAULT_MAX_BYTES
     #: |embedding_j| <= embedding_bound for every embedding the backbone can produce (None: unknown)
     embedding_bound: float | None = None
+    #: (L, H') of the FFN edit the bank's encoder can apply; None: artifacts with an edit are refused
+    edit_shape: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,11 +105,37 @@ class TaskArtifact:
     training: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
+    ffn_scale: torch.Tensor | None = None  # (L, H'): every layer's FFN output, per channel (with ffn_shift)
+    ffn_shift: torch.Tensor | None = None  # (L, H')
+
+    def __post_init__(self) -> None:
+        if (self.ffn_scale is None) != (self.ffn_shift is None):
+            raise ValueError("ffn_scale and ffn_shift come together")
+        if (
+            self.ffn_scale is not None
+            and self.ffn_shift is not None
+            and (self.ffn_scale.ndim != 2 or self.ffn_scale.shape != self.ffn_shift.shape)
+        ):
+            raise ValueError(
+                f"ffn_scale and ffn_shift must be the same (L, H') shape, got "
+                f"{tuple(self.ffn_scale.shape)} and {tuple(self.ffn_shift.shape)}"
+            )
+
+    @property
+    def edit(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, shift) of the FFN outputs, or None for a task that only has coefficients."""
+        if self.ffn_scale is None or self.ffn_shift is None:
+            return None
+        return self.ffn_scale, self.ffn_shift
+
+    @property
+    def edit_parameters(self) -> int:
+        return 0 if self.edit is None else 2 * int(self.edit[0].numel())
 
     @property
     def trainable_parameters(self) -> int:
-        """Coefficients only: the per-task numbers that change the backbone."""
-        return int(self.coefficients.numel())
+        """The per-task numbers that change the backbone: coefficients and, when present, the FFN edit."""
+        return int(self.coefficients.numel()) + self.edit_parameters
 
     @property
     def head_parameters(self) -> int:
@@ -112,6 +147,9 @@ class TaskArtifact:
             "head.weight": self.head_weight.detach().to(torch.float32).contiguous(),
             "head.bias": self.head_bias.detach().to(torch.float32).contiguous(),
         }
+        if self.edit is not None:
+            for key, value in zip(EDIT_KEYS, self.edit, strict=True):
+                tensors[key] = value.detach().to(torch.float32).contiguous()
         metadata = {
             "schema_version": str(SCHEMA_VERSION),
             "bank_fingerprint": self.bank_fingerprint,
@@ -169,19 +207,23 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     metadata = header.pop("__metadata__", None)
     _verify_checksum(data, metadata)
     keys = sorted(header)
-    if keys != sorted(KEYS):
-        missing = sorted(set(KEYS) - set(keys))
-        extra = sorted(set(keys) - set(KEYS))
+    labels, fingerprint, training, created, version = _parse_metadata(metadata)
+    edited = any(key in header for key in EDIT_KEYS)
+    expected = sorted(KEYS + EDIT_KEYS) if edited and version >= FIRST_EDIT_SCHEMA else sorted(KEYS)
+    if keys != expected:
+        missing = sorted(set(expected) - set(keys))
+        extra = sorted(set(keys) - set(expected))
         raise ArtifactKeyError(
-            f"tensor keys differ (missing {missing}, unexpected {extra})", expected=list(KEYS), found=keys
+            f"tensor keys differ (missing {missing}, unexpected {extra})", expected=expected, found=keys
         )
-    for key in KEYS:
+    for key in expected:
         if header[key].get("dtype") != "F32":
             raise ArtifactDtypeError(
                 f"tensor {key!r} has the wrong dtype", expected="F32", found=header[key].get("dtype")
             )
-    labels, fingerprint, training, created, version = _parse_metadata(metadata)
-    shapes = {key: tuple(header[key]["shape"]) for key in KEYS}
+    shapes = {key: tuple(header[key]["shape"]) for key in expected}
+    if edited:
+        _check_edit_shapes(shapes["ffn.scale"], shapes["ffn.shift"], spec)
     num_labels = len(labels)
     coeff_shape = shapes["coefficients"]
     if len(coeff_shape) != 2:
@@ -220,7 +262,7 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     except Exception as exc:  # safetensors raises its own error type for any inconsistency
         raise ArtifactCorrupt(f"tensor data is unreadable: {exc}") from exc
     if not _all_finite(tensors):  # the common case in one pass; otherwise name the tensor and the count
-        for key in KEYS:
+        for key in expected:
             if not bool(torch.isfinite(tensors[key]).all()):
                 bad = int((~torch.isfinite(tensors[key])).sum())
                 raise ArtifactNonFinite(
@@ -230,8 +272,25 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     return _artifact(tensors, labels, fingerprint, training, created, version)
 
 
+def _check_edit_shapes(scale: tuple[int, ...], shift: tuple[int, ...], spec: ArtifactSpec | None) -> None:
+    if len(scale) != 2 or scale != shift:
+        raise ArtifactShapeError(
+            "ffn.scale and ffn.shift must be 2-D and of one shape",
+            expected="(L, H') twice",
+            found=[scale, shift],
+        )
+    if spec is not None and scale != spec.edit_shape:
+        raise ArtifactShapeError(
+            "the FFN edit does not fit the bank"
+            if spec.edit_shape is not None
+            else "the bank has no FFN output kind for ffn.scale and ffn.shift to edit",
+            expected=spec.edit_shape,
+            found=scale,
+        )
+
+
 def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(np.isfinite(tensors[key].numpy()).all()) for key in KEYS)
+    return all(bool(np.isfinite(value.numpy()).all()) for value in tensors.values())
 
 
 def _check_values(tensors: dict[str, torch.Tensor], embedding_bound: float | None) -> None:
@@ -243,6 +302,14 @@ def _check_values(tensors: dict[str, torch.Tensor], embedding_bound: float | Non
             expected=f"|coefficient| <= {MAX_ABS_COEFFICIENT:g}",
             found=f"{largest:.3g}",
         )
+    for key in EDIT_KEYS:
+        values = tensors.get(key)
+        if values is not None and values.numel() and (largest := float(values.abs().max())) > MAX_ABS_EDIT:
+            raise ArtifactValueError(
+                f"a value of {key} is too large to serve",
+                expected=f"|{key}| <= {MAX_ABS_EDIT:g}",
+                found=f"{largest:.3g}",
+            )
     weight = np.abs(tensors["head.weight"].numpy().astype(np.float64))
     bias = np.abs(tensors["head.bias"].numpy().astype(np.float64))
     if embedding_bound is None:
@@ -297,6 +364,8 @@ def _artifact(
         training=training,
         created=created,
         schema_version=version,
+        ffn_scale=tensors.get("ffn.scale"),
+        ffn_shift=tensors.get("ffn.shift"),
     )
 
 

@@ -25,9 +25,8 @@ from kernels import Kernels, Segments, segments_of
 from recast_core.backbone import SentenceEncoder, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.errors import PlanError
+from recast_core.ffn_edit import EDITED_KIND, edit_shape
 from recast_core.reparam import matching_plan
-
-EDITED_KIND = "ffn_out"  # the module kind whose outputs a task may scale and shift per channel (RED)
 
 
 @dataclass(eq=False)
@@ -140,6 +139,7 @@ class MultiTaskEncoder(nn.Module):
         plan = matching_plan(model, bank)
         self.router = _Router(kernels)
         named = dict(model.named_modules())
+        edits = edit_shape(bank.layout)
         module_index, layer_index = 0, 0
         for kp in plan.kinds:
             for position, row in enumerate(kp.modules):
@@ -149,7 +149,7 @@ class MultiTaskEncoder(nn.Module):
                     if not isinstance(old, nn.Linear):
                         kind = type(old).__name__
                         raise PlanError([f"serving supports nn.Linear modules only; {name} is {kind}"])
-                    edit = position if kp.kind.name == EDITED_KIND else None
+                    edit = position if edits is not None and kp.kind.name == EDITED_KIND else None
                     new = SlotLinear(
                         templates[:, r0:r1], old.bias, module_index, layer_index, self.router, edit
                     )
@@ -162,9 +162,7 @@ class MultiTaskEncoder(nn.Module):
         model.to(device=self.device, dtype=dtype)
         self.encoder = SentenceEncoder(model).eval()
         self.num_modules = module_index
-        edited = [kp for kp in plan.kinds if kp.kind.name == EDITED_KIND]
-        self.num_edited_layers = sum(len(kp.modules) for kp in edited)
-        self.edit_width = int(bank.template(EDITED_KIND, 0).shape[1]) if edited else 0
+        self.num_edited_layers, self.edit_width = edits if edits is not None else (0, 0)
         self.num_templates = bank.num_templates
         self.base_coefficients = bank.base_coefficients.mean(dim=1).to(torch.float32)  # (M, n)
 
@@ -226,6 +224,6 @@ class MultiTaskEncoder(nn.Module):
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host tensor on the encoder's device: pinned and copied without blocking on CUDA."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or tensor.device == self.device:
             return tensor
         return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)

@@ -13,6 +13,7 @@ from torch import nn
 from recast_core.artifact import DEFAULT_MAX_BYTES, ArtifactSpec, TaskArtifact
 from recast_core.backbone import DEFAULT_MAX_LENGTH, SentenceEncoder, TextBackbone
 from recast_core.bank import TemplateBank
+from recast_core.ffn_edit import FfnEdit, edit_shape
 from recast_core.reparam import Reparameterized, reparameterize
 
 
@@ -31,6 +32,7 @@ def artifact_spec(
         hidden_size,
         max_bytes if max_bytes is not None else DEFAULT_MAX_BYTES,
         embedding_bound,
+        edit_shape(bank.layout),
     )
 
 
@@ -41,12 +43,16 @@ class Prediction:
 
 
 class TextTaskModel(nn.Module):
-    """encoder (a private copy of the backbone, reparameterized on `bank`) -> mean pooling -> head."""
+    """encoder (a private copy of the backbone, reparameterized on `bank`, with the FFN edit when
+    `edit`) -> mean pooling -> head."""
 
-    def __init__(self, backbone: TextBackbone, bank: TemplateBank, num_labels: int) -> None:
+    def __init__(
+        self, backbone: TextBackbone, bank: TemplateBank, num_labels: int, edit: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.reparam: Reparameterized = reparameterize(copy.deepcopy(backbone.model), bank)
+        self.edit = FfnEdit(self.reparam.model, self.reparam.plan) if edit else None
         self.encoder = SentenceEncoder(self.reparam.model)
         self.head = nn.Linear(backbone.hidden_size, num_labels)
         self.labels: tuple[str, ...] = tuple(str(i) for i in range(num_labels))
@@ -63,7 +69,7 @@ class TextTaskModel(nn.Module):
     def from_artifact(
         cls, backbone: TextBackbone, bank: TemplateBank, artifact: TaskArtifact
     ) -> TextTaskModel:
-        model = cls(backbone, bank, len(artifact.labels))
+        model = cls(backbone, bank, len(artifact.labels), edit=artifact.edit is not None)
         model.load_artifact(artifact)
         return model
 
@@ -72,13 +78,22 @@ class TextTaskModel(nn.Module):
             raise ValueError(
                 "artifact belongs to another bank; validate it with read_artifact(spec=...) first"
             )
+        if (artifact.edit is None) != (self.edit is None):
+            raise ValueError("the artifact and the model differ in whether they edit the FFN outputs")
         self.reparam.set_coefficients(artifact.coefficients)
+        if self.edit is not None and artifact.edit is not None:
+            self.edit.load(*artifact.edit)
         with torch.no_grad():
             self.head.weight.copy_(artifact.head_weight)
             self.head.bias.copy_(artifact.head_bias)
         self.labels = artifact.labels
 
+    def trainable(self) -> list[nn.Parameter]:
+        """What training changes beside the head: the coefficients and, when present, the FFN edit."""
+        return [*self.reparam.coefficients, *([] if self.edit is None else self.edit.parameters())]
+
     def export(self, training: dict[str, Any]) -> TaskArtifact:
+        scale, shift = (None, None) if self.edit is None else self.edit.values()
         return TaskArtifact(
             coefficients=self.reparam.collapsed().to(torch.float32),
             head_weight=self.head.weight.detach().clone(),
@@ -86,6 +101,8 @@ class TextTaskModel(nn.Module):
             labels=self.labels,
             bank_fingerprint=self.bank.fingerprint,
             training=training,
+            ffn_scale=scale,
+            ffn_shift=shift,
         )
 
     @torch.no_grad()

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 
 from recast_core.errors import ConfigError
 
-__all__ = ["LR_GRID", "SCHEDULES", "TrainOptions"]
+__all__ = ["CAPACITIES", "LR_GRID", "SCHEDULES", "TrainOptions"]
 
 SCHEDULES = ("constant", "cosine")
+# what a task trains beside its head: the paper's per-module coefficients, or those plus a per-channel
+# scale and shift of every layer's FFN output (representation editing)
+CAPACITIES = ("coefficients", "ffn_edit")
 LR_GRID = (1e-2, 3e-2, 1e-1)  # coefficient learning rates tried when none is given
 
 
@@ -31,6 +34,7 @@ class TrainOptions:
     max_length: int = 64
     max_train_examples: int | None = None
     seed: int = 0
+    capacity: str = "coefficients"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_grid", tuple(self.lr_grid))  # JSON gives a list
@@ -52,6 +56,8 @@ class TrainOptions:
             problems.append(f"warmup must be in [0, 1), got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.capacity not in CAPACITIES:
+            problems.append(f"capacity must be one of {', '.join(CAPACITIES)}, got {self.capacity!r}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 < self.val_fraction < 1:

@@ -79,7 +79,7 @@ def train_task(
     train_y = torch.tensor([index[y] for y in train.labels])
     val_y = torch.tensor([index[y] for y in val.labels])
 
-    model = TextTaskModel(backbone, bank, len(labels))
+    model = TextTaskModel(backbone, bank, len(labels), edit=options.capacity == "ffn_edit")
     model.labels = tuple(labels)
     if on_progress is not None:
         on_progress("embedding", 0, 1)
@@ -95,7 +95,7 @@ def train_task(
 
     def groups(lr: float) -> list[dict[str, object]]:
         return [
-            {"params": list(model.reparam.coefficients), "lr": lr},
+            {"params": model.trainable(), "lr": lr},
             {"params": list(model.head.parameters()), "lr": options.head_lr},
         ]
 
@@ -108,6 +108,8 @@ def train_task(
     )
     summary: dict[str, Any] = {
         "val_accuracy": outcome.val_accuracy,
+        "capacity": options.capacity,
+        "trainable_parameters": sum(int(p.numel()) for p in model.trainable()),
         "lr": outcome.lr,
         "lr_trials": outcome.lr_trials,
         "from_trial": outcome.from_trial,

@@ -41,7 +41,7 @@ class TaskCatalog:
     def load_head(self, entry: TaskEntry) -> Head:
         """The head of exactly this version, from the store; Superseded if the store moved on."""
         artifact = self._read_back(entry)
-        return artifact.head_weight, artifact.head_bias
+        return Head.of(artifact)
 
     def load_training(self, entry: TaskEntry) -> dict[str, Any]:
         """The training summary of exactly this version, from its stored artifact."""
@@ -50,7 +50,7 @@ class TaskCatalog:
         except Superseded:
             name = split_stored_id(entry.task_id)[1]
             raise NotReady(f"task {name!r} was replaced while being read; retry", retry_after=1) from None
-        self.registry.heads.put(entry.digest, (artifact.head_weight, artifact.head_bias))
+        self.registry.heads.put(entry.digest, Head.of(artifact))
         return artifact.training
 
     def load(self, progress: bool = True) -> int:

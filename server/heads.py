@@ -1,24 +1,51 @@
 """Classifier heads within a memory budget: coefficients of every task stay resident, heads are cached.
 
-A head is (C, H) floats, so for a million tasks the heads are most of the memory; they live in an LRU keyed
-by the artifact digest (content-addressed: a head is never confused with another version's) and are read
-back from the store on a miss. A miss for a version the store no longer holds (the task was replaced or
-deleted meanwhile) raises Superseded; the caller then serves the task's current version instead.
+A head is (C, H) floats, plus the task's FFN edit ((L, H') scale and shift) when it has one, so for a
+million tasks the heads are most of the memory; they live in an LRU keyed by the artifact digest
+(content-addressed: a head is never confused with another version's) and are read back from the store on
+a miss. A miss for a version the store no longer holds (the task was replaced or deleted meanwhile) raises
+Superseded; the caller then serves the task's current version instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.lru import ByteBudgetLRU
+from recast_core.artifact import TaskArtifact
 
 if TYPE_CHECKING:
     from server.registry import TaskEntry
 
-Head = tuple[torch.Tensor, torch.Tensor]  # weight (C, H), bias (C,)
+
+@dataclass(frozen=True, eq=False)
+class Head:
+    """What a task adds on top of its coefficients: the classifier and, optionally, the FFN edit."""
+
+    weight: torch.Tensor  # (C, H)
+    bias: torch.Tensor  # (C,)
+    edit: tuple[torch.Tensor, torch.Tensor] | None = None  # FFN output (scale, shift), each (L, H')
+
+    @classmethod
+    def of(cls, artifact: TaskArtifact) -> Head:
+        return cls(artifact.head_weight, artifact.head_bias, artifact.edit)
+
+    @property
+    def classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Head:
+        edit = None if self.edit is None else (self.edit[0].to(device, dtype), self.edit[1].to(device, dtype))
+        return Head(self.weight.to(device, dtype), self.bias.to(device, dtype), edit)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.weight, self.bias, *(self.edit or ()))
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 class Superseded(Exception):
@@ -28,8 +55,8 @@ class Superseded(Exception):
 class HeadCache(ByteBudgetLRU[Head]):
     """digest -> head, evicted least-recently-used beyond `max_bytes`; `load(entry)` fills misses.
 
-    Heads are kept on the serving `device` in the serving `dtype` (converted as they are put), so a batch
-    reads its heads where its embeddings are; `max_bytes` counts them as stored."""
+    Heads (and edits) are kept on the serving `device` in the serving `dtype` (converted as they are put),
+    so a batch reads them where its embeddings are; `max_bytes` counts them as stored."""
 
     def __init__(
         self,
@@ -38,13 +65,12 @@ class HeadCache(ByteBudgetLRU[Head]):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(max_bytes, _nbytes)
+        super().__init__(max_bytes, lambda head: head.nbytes)
         self.load = load
         self.device, self.dtype = torch.device(device), dtype
 
     def put(self, key: Hashable, value: Head) -> None:
-        weight, bias = value
-        super().put(key, (weight.to(self.device, self.dtype), bias.to(self.device, self.dtype)))
+        super().put(key, value.to(self.device, self.dtype))
 
     def cached(self, digest: str) -> Head | None:
         return self.get(digest)
@@ -60,7 +86,3 @@ class HeadCache(ByteBudgetLRU[Head]):
         head = self.load(entry)
         self.put(entry.digest, head)
         return head
-
-
-def _nbytes(head: Head) -> int:
-    return sum(t.numel() * t.element_size() for t in head)

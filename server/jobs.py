@@ -284,6 +284,8 @@ class JobManager:
             "epochs_run": summary.get("epochs_run"),
             "lr": summary.get("lr"),
             "lr_trials": summary.get("lr_trials"),
+            "capacity": summary.get("capacity"),
+            "trainable_parameters": summary.get("trainable_parameters"),
             "seconds": summary.get("seconds"),
         }
         self._end(work, "succeeded", result=result)

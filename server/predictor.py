@@ -6,7 +6,9 @@
 A batch's texts are sorted by length and, where that saves at least a quarter of the padded tokens, run
 as two or more length groups (`length_groups`), so padding stays small. The embeddings of every group
 stay on the device; the heads of all the batch's tasks run as one matmul against their concatenated
-weights, each row then reading its own task's classes; probabilities reach the host once per batch.
+weights, each row then reading its own task's classes; probabilities reach the host once per batch. When
+any task of the batch edits its FFN outputs, the batch carries (S, L, H') scale and shift tables (the
+other tasks' rows are 1 and 0, which leave their outputs bit for bit as they were).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Predictor:
             slots.setdefault(r.entry.cache_key, len(slots))
         entries = {r.entry.cache_key: r.entry for r in requests}
         table = torch.stack([entries[key].coefficients for key in slots])  # (S, M, n)
+        scale, shift = self._edit_tables({r.entry.cache_key: r.head for r in requests}, list(slots))
         task_of_text = torch.tensor(
             [slots[r.entry.cache_key] for r in requests for _ in r.texts], dtype=torch.int64
         )
@@ -141,9 +144,25 @@ class Predictor:
         for group in length_groups([len(ids) for ids in tokens]):
             ids, mask = self._padded([tokens[i] for i in group])
             index = torch.tensor(group, dtype=torch.int64)
-            rows = self.encoder(ids, mask, task_of_text[index], table, list(slots))
+            rows = self.encoder(ids, mask, task_of_text[index], table, list(slots), scale, shift)
             out.index_copy_(0, index.to(self.device), rows)
         return out
+
+    def _edit_tables(
+        self, heads: dict[str, Head], keys: list[str]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(S, L, H') float32 scale and shift tables of the batch's tasks; (None, None) if none edits."""
+        if all(heads[key].edit is None for key in keys):
+            return None, None
+        shape = (len(keys), self.encoder.num_edited_layers, self.encoder.edit_width)
+        scale = torch.ones(shape, device=self.device)
+        shift = torch.zeros(shape, device=self.device)
+        for s, key in enumerate(keys):
+            edit = heads[key].edit
+            if edit is not None:
+                scale[s].copy_(edit[0])
+                shift[s].copy_(edit[1])
+        return scale, shift
 
     def _padded(self, tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids and attention mask, padded on the right to the group's longest text."""
@@ -168,7 +187,7 @@ class Predictor:
     def _logits(self, requests: Sequence[TaskRequest]) -> tuple[torch.Tensor, list[int]]:
         """(N, C_max) float32 logits on the device (columns past a row's own classes are -inf), and the
         class count of each request."""
-        classes = [int(r.head[0].shape[0]) for r in requests]
+        classes = [r.head.classes for r in requests]
         if not any(r.texts for r in requests):
             return torch.zeros(0, max(classes, default=0), device=self.device), classes
         embeddings = self.embeddings(requests).to(torch.float32)  # (N, H)
@@ -177,11 +196,11 @@ class Predictor:
             heads.setdefault(r.entry.cache_key, len(heads))
         by_key = {r.entry.cache_key: r.head for r in requests}
         weights = [by_key[key] for key in heads]
-        counts = torch.tensor([int(w.shape[0]) for w, _ in weights])
+        counts = torch.tensor([head.classes for head in weights])
         offsets = counts.cumsum(0) - counts
         # every task's classes in one (N, sum C) matmul, then each row reads its own task's classes
-        weight = torch.cat([w for w, _ in weights]).to(self.device, torch.float32)
-        bias = torch.cat([b for _, b in weights]).to(self.device, torch.float32)
+        weight = torch.cat([head.weight for head in weights]).to(self.device, torch.float32)
+        bias = torch.cat([head.bias for head in weights]).to(self.device, torch.float32)
         logits_all = torch.addmm(bias, embeddings, weight.T)
         head_of_row = torch.tensor([heads[r.entry.cache_key] for r in requests for _ in r.texts])
         columns = torch.arange(int(counts.max()))

@@ -60,6 +60,7 @@ class TaskEntry:
     digest: str  # sha256 of the artifact bytes
     created: str
     bank_fingerprint: str
+    edit_parameters: int = 0  # the FFN edit's scale and shift (0: the task has none)
     known_training: dict[str, Any] | None = None  # None: read from the stored artifact when asked for
     load_training: Callable[[TaskEntry], dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -72,6 +73,7 @@ class TaskEntry:
             coefficients=artifact.coefficients,
             labels=artifact.labels,
             head_parameters=artifact.head_parameters,
+            edit_parameters=artifact.edit_parameters,
             size_bytes=len(stored.data),
             updated=stored.updated,
             digest=digest,
@@ -95,7 +97,7 @@ class TaskEntry:
 
     @property
     def trainable_parameters(self) -> int:
-        return int(self.coefficients.numel())
+        return int(self.coefficients.numel()) + self.edit_parameters
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,7 @@ class TaskRegistry:
         if stored.data is not None:
             artifact = artifact if artifact is not None else self.validate(stored.data)
             entry = TaskEntry.of(stored, artifact, hashlib.sha256(stored.data).hexdigest())
-            self.heads.put(entry.digest, (artifact.head_weight, artifact.head_bias))
+            self.heads.put(entry.digest, Head.of(artifact))
         with self._lock:
             if not self._newer(stored.task_id, stored.version, again):
                 return None
@@ -376,12 +378,15 @@ class TaskRegistry:
             return _Gone(version)
         if not base.servable[r]:
             return _Gone(version, self._reason(base, r))
+        labels = tuple(json.loads(index.labels[r]))
+        head_parameters = len(labels) * (int(index.hidden_sizes[r]) + 1)
         return TaskEntry(
             task_id=task_id,
             version=version,
             coefficients=torch.from_numpy(index.coefficients_of(r).astype(np.float32)),
-            labels=tuple(json.loads(index.labels[r])),
-            head_parameters=int(index.head_parameters[r]),
+            labels=labels,
+            head_parameters=head_parameters,
+            edit_parameters=int(index.head_parameters[r]) - head_parameters,
             size_bytes=int(index.sizes[r]),
             updated=index.updated[r],
             digest=index.digests[r].tobytes().hex(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from typing import Any
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,6 +67,11 @@ class TrainingOptions(BaseModel):
         default=CORE.patience, ge=1, le=50, description="epochs without improvement before stopping"
     )
     seed: int = Field(default=CORE.seed, ge=SEED[0], le=SEED[1])
+    capacity: Literal["coefficients", "ffn_edit"] = Field(
+        default=cast(Any, CORE.capacity),
+        description="what the task trains beside its head: the per-module coefficients, or those plus a "
+        "per-channel scale and shift of every layer's FFN output (representation editing)",
+    )
 
 
 class TrainRequest(BaseModel):

@@ -75,7 +75,7 @@ label_lists = st.one_of(
     st.lists(json_values, min_size=2, max_size=4),
 )
 METADATA_VALUES: dict[str, st.SearchStrategy[str]] = {
-    "schema_version": st.sampled_from(["0", "3", "1.0", " 1", "", "01", "1\n"]) | plain_text,
+    "schema_version": st.sampled_from(["0", "4", "1.0", " 1", "", "01", "1\n"]) | plain_text,
     "bank_fingerprint": st.one_of(
         st.text("0123456789abcdef", min_size=64, max_size=64),
         st.text("0123456789abcdef", max_size=80),

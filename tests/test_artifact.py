@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact
+from recast_core.artifact import ArtifactSpec, TaskArtifact, read_artifact, serialize
 from recast_core.errors import (
     ArtifactChecksumMismatch,
     ArtifactCorrupt,
@@ -171,7 +171,7 @@ def _metadata_of(data: bytes) -> dict[str, str]:
 def test_written_artifacts_carry_a_checksum_of_their_tensor_data() -> None:
     data = _artifact().to_bytes()
     metadata = _metadata_of(data)
-    assert metadata["schema_version"] == "2"
+    assert metadata["schema_version"] == "3"
     (length,) = struct.unpack("<Q", data[:8])
     assert metadata["tensor_sha256"] == hashlib.sha256(data[8 + length :]).hexdigest()
     assert read_artifact(data, BOUNDED_SPEC).labels == LABELS
@@ -242,3 +242,120 @@ def test_finite_but_huge_values_are_refused() -> None:
     with pytest.raises(ArtifactValueError, match="coefficient"):
         read_artifact(_raw(_tensors(coefficients=coefficients)), BOUNDED_SPEC)
     assert read_artifact(_raw(), BOUNDED_SPEC).labels == LABELS  # ordinary trained values pass
+
+
+EDIT_SPEC = ArtifactSpec(
+    bank_fingerprint=FP, num_slots=24, num_templates=2, hidden_size=384, edit_shape=(6, 384)
+)
+
+
+def _edited(scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> TaskArtifact:
+    g = torch.Generator().manual_seed(1)
+    art = _artifact()
+    return TaskArtifact(
+        coefficients=art.coefficients,
+        head_weight=art.head_weight,
+        head_bias=art.head_bias,
+        labels=art.labels,
+        bank_fingerprint=FP,
+        training=art.training,
+        ffn_scale=scale if scale is not None else 1 + 0.1 * torch.randn(6, 384, generator=g),
+        ffn_shift=shift if shift is not None else 0.1 * torch.randn(6, 384, generator=g),
+    )
+
+
+def _signed(tensors: dict[str, torch.Tensor], schema: str = "3") -> bytes:
+    metadata = {
+        "schema_version": schema,
+        "bank_fingerprint": FP,
+        "labels": json.dumps(list(LABELS)),
+        "created": "2026-01-01T00:00:00+00:00",
+        "training": "{}",
+    }
+    return serialize(tensors, metadata, checksum=True)
+
+
+def test_an_ffn_edit_round_trips_exactly_and_counts_as_trainable() -> None:
+    art = _edited()
+    data = art.to_bytes()
+    loaded = read_artifact(data, EDIT_SPEC)
+    assert loaded.schema_version == 3 and loaded.edit is not None and art.edit is not None
+    assert torch.equal(loaded.edit[0], art.edit[0]) and torch.equal(loaded.edit[1], art.edit[1])
+    assert loaded.to_bytes() == data
+    assert loaded.trainable_parameters == 48 + 2 * 6 * 384
+    assert len(data) < 24 * 1024
+
+
+def test_schema_2_artifacts_load_as_before_without_an_edit() -> None:
+    art = _artifact()
+    tensors = {"coefficients": art.coefficients, "head.weight": art.head_weight, "head.bias": art.head_bias}
+    loaded = read_artifact(_signed(tensors, schema="2"), EDIT_SPEC)
+    assert loaded.schema_version == 2 and loaded.edit is None and loaded.trainable_parameters == 48
+    assert torch.equal(loaded.coefficients, art.coefficients)
+    assert torch.equal(loaded.head_weight, art.head_weight)
+
+
+def _edit_tensors(**changes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    art = _edited()
+    assert art.edit is not None
+    tensors = _tensors() | {"ffn.scale": art.edit[0], "ffn.shift": art.edit[1]}
+    for key, value in changes.items():
+        name = key.replace("_", ".", 1)
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    return tensors
+
+
+def _huge_scale() -> dict[str, torch.Tensor]:
+    scale = torch.ones(6, 384)
+    scale[2, 7] = 5e3
+    return _edit_tensors(ffn_scale=scale)
+
+
+def _nan_shift() -> dict[str, torch.Tensor]:
+    shift = torch.zeros(6, 384)
+    shift[0, 0] = float("nan")
+    return _edit_tensors(ffn_shift=shift)
+
+
+EDIT_CASES = [
+    (
+        "an edit in a schema 2 artifact",
+        lambda: _signed(_edit_tensors(), schema="2"),
+        EDIT_SPEC,
+        ArtifactKeyError,
+    ),
+    ("scale without shift", lambda: _signed(_edit_tensors(ffn_shift=None)), EDIT_SPEC, ArtifactKeyError),
+    (
+        "edit of the wrong width",
+        lambda: _signed(_edit_tensors(ffn_scale=torch.ones(6, 128), ffn_shift=torch.zeros(6, 128))),
+        EDIT_SPEC,
+        ArtifactShapeError,
+    ),
+    (
+        "scale and shift of different shapes",
+        lambda: _signed(_edit_tensors(ffn_shift=torch.zeros(5, 384))),
+        EDIT_SPEC,
+        ArtifactShapeError,
+    ),
+    ("a bank without an FFN kind", lambda: _signed(_edit_tensors()), SPEC, ArtifactShapeError),
+    ("a huge scale", lambda: _signed(_huge_scale()), EDIT_SPEC, ArtifactValueError),
+    ("a NaN shift", lambda: _signed(_nan_shift()), EDIT_SPEC, ArtifactNonFinite),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "spec", "error"), EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
+def test_bad_ffn_edits_raise_their_typed_error(  # type: ignore[no-untyped-def]
+    case: str, make, spec: ArtifactSpec, error: type[ArtifactError]
+) -> None:
+    with pytest.raises(error) as info:
+        read_artifact(make(), spec)
+    assert type(info.value) is error
+
+
+def test_scale_and_shift_come_together() -> None:
+    art = _artifact()
+    with pytest.raises(ValueError, match="together"):
+        TaskArtifact(art.coefficients, art.head_weight, art.head_bias, LABELS, FP, ffn_scale=torch.ones(6, 8))

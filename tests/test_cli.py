@@ -65,14 +65,18 @@ def test_train_inspect_predict(cli_bank: Path, data_dir: Path, tmp_path: Path) -
         "2",
         "--select-epochs",
         "1",
+        "--capacity",
+        "ffn_edit",
     )
+    assert "4656 trained parameters (ffn_edit)" in proc.stdout
     assert "validation accuracy" in proc.stdout and "test accuracy" in proc.stdout
     assert "coefficient learning rate" in proc.stdout and "chosen on validation" in proc.stdout
     info = json.loads(run("inspect", str(task)).stdout)
     assert info["training"]["lr"] in LR_GRID and len(info["training"]["lr_trials"]) == len(LR_GRID)
     assert info["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    assert info["trainable_parameters"] == 48 and info["head_parameters"] == 6 * 385
-    assert info["bytes"] == task.stat().st_size < 16 * 1024
+    assert info["trainable_parameters"] == 48 + 2 * 6 * 384 and info["head_parameters"] == 6 * 385
+    assert info["bytes"] == task.stat().st_size < 40 * 1024 and info["schema_version"] == 3
+    assert info["training"]["capacity"] == "ffn_edit"
     assert 0.5 < info["training"]["val_accuracy"] <= 1 and 0.5 < info["training"]["test_accuracy"] <= 1
     assert info["bank_fingerprint"] == json.loads((cli_bank / "mimicry.json").read_text())["fingerprint"]
     proc = run(

@@ -69,19 +69,22 @@ def test_length_groups_cut_where_padding_is_saved() -> None:
 
 
 def test_heads_are_kept_in_the_serving_dtype_on_the_serving_device() -> None:
-    from server.heads import HeadCache
+    from server.heads import Head, HeadCache
 
     cache = HeadCache(1 << 20, device="cpu", dtype=torch.bfloat16)
-    cache.put("digest", (torch.randn(3, 8), torch.randn(3)))
+    cache.put("digest", Head(torch.randn(3, 8), torch.randn(3), (torch.ones(2, 8), torch.zeros(2, 8))))
     head = cache.get("digest")
-    assert head is not None and all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in head)
-    assert cache.nbytes == (3 * 8 + 3) * 2
+    assert head is not None and head.edit is not None
+    parts = (head.weight, head.bias, *head.edit)
+    assert all(t.dtype is torch.bfloat16 and t.device.type == "cpu" for t in parts)
+    assert cache.nbytes == (3 * 8 + 3 + 2 * 2 * 8) * 2
 
 
 def test_a_bfloat16_predictor_on_the_cpu_agrees_with_float32(backbone: object, default_bank: object) -> None:
     from server_harness import task_artifact
 
     from kernels import Kernels
+    from server.heads import Head
     from server.predictor import Predictor, TaskRequest
     from server.registry import TaskEntry
     from server.stores.base import StoredTask
@@ -92,7 +95,7 @@ def test_a_bfloat16_predictor_on_the_cpu_agrees_with_float32(backbone: object, d
     probs = {}
     for dtype in (torch.float32, torch.bfloat16):
         predictor = Predictor(backbone, default_bank, Kernels("cpu"), max_length=32, dtype=dtype)  # type: ignore[arg-type]
-        head = (artifact.head_weight.to(dtype), artifact.head_bias.to(dtype))
+        head = Head.of(artifact).to(torch.device("cpu"), dtype)
         probs[dtype] = predictor.probabilities([TaskRequest(entry, head, texts)])[0]
     assert torch.equal(probs[torch.float32].argmax(1), probs[torch.bfloat16].argmax(1))
     assert float((probs[torch.float32] - probs[torch.bfloat16]).abs().max()) < 0.05

@@ -63,7 +63,9 @@ def test_a_job_trains_publishes_and_serves_a_task(
     examples = _examples(sms, 240)
     with serving(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
         created = http.post(
-            "/v1/tasks/spam/train", json={"examples": examples, "options": FAST}, headers=ADMIN
+            "/v1/tasks/spam/train",
+            json={"examples": examples, "options": FAST | {"capacity": "ffn_edit"}},
+            headers=ADMIN,
         )
         assert created.status_code == 202, created.text
         job = created.json()
@@ -80,9 +82,11 @@ def test_a_job_trains_publishes_and_serves_a_task(
         assert result["val_accuracy"] >= 0.8  # SMS spam is easy; a broken training would be near 0.5
         # no lr in the options: it was chosen on validation, and the result says which
         assert result["lr"] in LR_GRID and len(result["lr_trials"]) == len(LR_GRID)
+        assert result["capacity"] == "ffn_edit" and result["trainable_parameters"] == 48 + 2 * 6 * 384
 
         task = http.get("/v1/tasks/spam").json()
         assert task["version"] == 1 and task["labels"] == ["ham", "spam"]
+        assert task["trainable_parameters"] == 48 + 2 * 6 * 384  # served with its FFN edit
         texts = ["WINNER!! You have won a free prize, call now to claim", "ok see you at 5 then"]
         answer = http.post("/v1/tasks/spam/predict", json={"inputs": texts}).json()
         assert [o["label"] for o in answer["outputs"]] == ["spam", "ham"]

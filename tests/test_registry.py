@@ -14,7 +14,7 @@ from tiny_tasks import TINY_SPEC, tiny_artifact
 from recast_core.artifact import TaskArtifact
 from server.catalog import TaskCatalog
 from server.errors import ArtifactRejected, InvalidTaskId, StoreError, UnknownTask, VersionConflict
-from server.heads import HeadCache, Superseded
+from server.heads import Head, HeadCache, Superseded
 from server.registry import TaskRegistry, check_task_id
 from server.stores.base import StoredTask
 from server.stores.directory import DirectoryStore
@@ -150,18 +150,19 @@ def test_heads_beyond_the_budget_are_read_back_from_the_store(tmp_path: Path) ->
     registry = catalog.registry
     entries = [catalog.upload(f"t{i}", a.to_bytes()) for i, a in enumerate(artifacts)]
     assert len(registry.heads) == 2 and registry.heads.cached(entries[0].digest) is None, "oldest evicted"
-    weight, bias = registry.head(entries[0])  # read back from the store
-    assert torch.equal(weight, artifacts[0].head_weight) and torch.equal(bias, artifacts[0].head_bias)
+    head = registry.head(entries[0])  # read back from the store
+    assert torch.equal(head.weight, artifacts[0].head_weight)
+    assert torch.equal(head.bias, artifacts[0].head_bias)
     assert registry.heads.misses == 1 and registry.heads.cached(entries[0].digest) is not None
     # the task is replaced and the old version's head is gone from memory: the old entry is superseded
     old = entries[1]
     catalog.upload("t1", artifacts[2].to_bytes())
-    registry.heads.put("filler-a", (torch.zeros(3, 8), torch.zeros(3)))
-    registry.heads.put("filler-b", (torch.zeros(3, 8), torch.zeros(3)))
+    registry.heads.put("filler-a", Head(torch.zeros(3, 8), torch.zeros(3)))
+    registry.heads.put("filler-b", Head(torch.zeros(3, 8), torch.zeros(3)))
     with pytest.raises(Superseded):
         registry.head(old)
-    entry, (weight, _) = registry.resolve("t1")
-    assert entry.version == 2 and torch.equal(weight, artifacts[2].head_weight)
+    entry, head = registry.resolve("t1")
+    assert entry.version == 2 and torch.equal(head.weight, artifacts[2].head_weight)
 
 
 def test_registry_pages_each_tenant_on_its_own() -> None:

@@ -15,6 +15,7 @@ from kernels import Kernels
 from recast_core.artifact import TaskArtifact
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
+from server.heads import Head
 from server.predictor import Predictor, TaskRequest
 from server.registry import TaskEntry
 from server.stores.base import StoredTask
@@ -35,7 +36,7 @@ def _fast_path_probabilities(
     for task, artifact in artifacts.items():
         data = artifact.to_bytes()
         entry = TaskEntry.of(StoredTask(task, 1, data, "now"), artifact, task)
-        requests.append(TaskRequest(entry, (artifact.head_weight, artifact.head_bias), TEXTS[task]))
+        requests.append(TaskRequest(entry, Head.of(artifact), TEXTS[task]))
     return dict(zip(artifacts, predictor.probabilities(requests), strict=True))
 
 

@@ -81,8 +81,8 @@ def test_a_corrupt_stored_head_answers_task_unavailable_until_reuploaded(
     registry.resolve("other")  # the other task is unaffected
 
     catalog.upload("victim", _artifact(2).to_bytes())  # a new version replaces it
-    entry, (weight, _) = registry.resolve("victim")
-    assert entry.version == 2 and torch.equal(weight, _artifact(2).head_weight)
+    entry, head = registry.resolve("victim")
+    assert entry.version == 2 and torch.equal(head.weight, _artifact(2).head_weight)
     store.close()
 
     # at the next start the index still names version 2; corrupt it on disk: read back, it is refused

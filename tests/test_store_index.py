@@ -19,11 +19,15 @@ from server.stores import journal, records
 from server.stores.directory import DirectoryStore
 from server.stores.index import IndexRow, TaskIndex, row_of
 
-SPEC = ArtifactSpec(bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8)
+SPEC = ArtifactSpec(
+    bank_fingerprint="ab" * 32, num_slots=4, num_templates=2, hidden_size=8, edit_shape=(2, 8)
+)
 
 
 def _artifact(seed: int) -> TaskArtifact:
+    """Every other task also edits its FFN outputs ((2, 8) scale and shift)."""
     gen = torch.Generator().manual_seed(seed)
+    edit = seed % 2 == 1
     return TaskArtifact(
         coefficients=torch.randn(4, 2, generator=gen),
         head_weight=torch.randn(2 + seed % 3, 8, generator=gen),
@@ -31,6 +35,8 @@ def _artifact(seed: int) -> TaskArtifact:
         labels=tuple(f"l{i}" for i in range(2 + seed % 3)),
         bank_fingerprint=SPEC.bank_fingerprint,
         training={"seed": seed},
+        ffn_scale=1 + torch.randn(2, 8, generator=gen) if edit else None,
+        ffn_shift=torch.randn(2, 8, generator=gen) if edit else None,
     )
 
 
@@ -87,10 +93,15 @@ def test_index_survives_restarts_and_matches_a_full_scan(tmp_path: Path) -> None
     for task_id in ("task-0", "task-1", "team-a~task-0", "task-5"):
         got, want = registry.get(task_id), fresh.get(task_id)
         assert torch.equal(got.coefficients, want.coefficients)
-        for field in ("version", "labels", "head_parameters", "size_bytes", "updated", "digest", "created"):
+        fields = ("version", "labels", "head_parameters", "edit_parameters", "size_bytes", "updated")
+        for field in (*fields, "digest", "created", "trainable_parameters"):
             assert getattr(got, field) == getattr(want, field), field
         assert got.training == want.training and got.bank_fingerprint == want.bank_fingerprint
-        assert torch.equal(registry.head(got)[0], registry.head(want)[0])  # read back from the store
+        head, truth = registry.head(got), registry.head(want)  # read back from the store
+        assert torch.equal(head.weight, truth.weight)
+        assert (head.edit is None) == (truth.edit is None) == (got.edit_parameters == 0)
+        if head.edit is not None and truth.edit is not None:
+            assert torch.equal(head.edit[1], truth.edit[1])
     assert [e.task_id for e in registry.page()[0]] == [e.task_id for e in fresh.page()[0]]
     store.close()
 

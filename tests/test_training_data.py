@@ -85,3 +85,18 @@ def test_a_csv_header_naming_a_column_twice_is_refused(header: str, duplicate: s
 def test_a_csv_with_distinct_columns_is_read() -> None:
     data = from_csv(b"label,text,note\nx,a b,1\ny,c d,2\n", "text", "label")
     assert (data.texts, data.labels) == (("a b", "c d"), ("x", "y"))
+
+
+def test_the_api_defaults_and_capacities_are_the_training_codes() -> None:
+    from typing import get_args
+
+    from recast_core.train_options import CAPACITIES, TrainOptions
+
+    assert get_args(TrainingOptions.model_fields["capacity"].annotation) == CAPACITIES
+    core = TrainOptions()
+    defaults = TrainingOptions()
+    for name in TrainingOptions.model_fields:
+        assert getattr(defaults, name) == getattr(core, name), name
+    body = {"examples": EXAMPLES, "options": {"capacity": "ffn_edit"}}
+    assert from_json(json.dumps(body).encode())[1].capacity == "ffn_edit"
+    assert "capacity" in _refusal({"examples": EXAMPLES, "options": {"capacity": "lora"}})
