@@ -46,6 +46,8 @@ from benchmarks.sections import replace_section
 from recast_core.artifact import TaskArtifact
 from recast_core.backbone import load_text_backbone
 from recast_core.bank import TemplateBank
+from recast_core.ffn_edit import edit_shape
+from recast_core.train_options import CAPACITIES
 from server.runtime import load_or_build_bank
 from server.settings import Settings
 from server.stores.directory import LIVE
@@ -56,11 +58,15 @@ from server.stores.journal import write_index
 DEFAULT_BANK = Path(".cache/banks/minilm-default")
 
 
-def synthetic_artifact(bank: TemplateBank, seed: int, hidden: int = 384) -> TaskArtifact:
-    """A valid task for `bank`: coefficients near the bank's own, a random head over 2-6 labels."""
+def synthetic_artifact(bank: TemplateBank, seed: int, hidden: int = 384, edit: bool = False) -> TaskArtifact:
+    """A valid task for `bank`: coefficients near the bank's own, a random head over 2-6 labels and, with
+    `edit`, an FFN edit near the identity (what `--capacity ffn_edit` trains)."""
     gen = torch.Generator().manual_seed(seed)
     base = bank.base_coefficients.mean(dim=1).to(torch.float32)
     labels = tuple(f"label{i}" for i in range(2 + seed % 5))
+    shape = edit_shape(bank.layout) if edit else None
+    if edit and shape is None:
+        raise ValueError("the bank has no FFN output kind to edit")
     return TaskArtifact(
         coefficients=base + 0.05 * torch.randn(base.shape, generator=gen),
         head_weight=torch.randn(len(labels), hidden, generator=gen) * 0.1,
@@ -68,6 +74,8 @@ def synthetic_artifact(bank: TemplateBank, seed: int, hidden: int = 384) -> Task
         labels=labels,
         bank_fingerprint=bank.fingerprint,
         training={"synthetic": True, "seed": seed},
+        ffn_scale=None if shape is None else 1 + 0.05 * torch.randn(shape, generator=gen),
+        ffn_shift=None if shape is None else 0.02 * torch.randn(shape, generator=gen),
     )
 
 
@@ -75,14 +83,20 @@ DISTINCT_ARTIFACTS = 1000
 
 
 def fill_store(
-    root: Path, bank: TemplateBank, count: int, distinct: int = DISTINCT_ARTIFACTS, index: bool = True
+    root: Path,
+    bank: TemplateBank,
+    count: int,
+    distinct: int = DISTINCT_ARTIFACTS,
+    index: bool = True,
+    edit: bool = False,
 ) -> None:
     """`count` tasks (`task-0000000` ...) written straight into a directory store's layout, version 1,
     with the task index the server keeps (index=False: without, so the server's first start builds it).
 
-    Benchmark fixture data: written without fsync, `distinct` different artifacts cycled.
+    Benchmark fixture data: written without fsync, `distinct` different artifacts cycled (each with an
+    FFN edit when `edit`).
     """
-    blobs = [synthetic_artifact(bank, seed).to_bytes() for seed in range(min(count, distinct))]
+    blobs = [synthetic_artifact(bank, seed, edit=edit).to_bytes() for seed in range(min(count, distinct))]
     mtime_ns = time.time_ns() // 1_000_000 * 1_000_000  # the store's `updated`: a file's mtime, in ms
     for i in tqdm(range(count), desc=f"writing {count} tasks", unit="task", mininterval=2):
         directory = root / f"task-{i:07d}"
@@ -211,9 +225,9 @@ def plain_limit(
     return done / (time.perf_counter() - start)
 
 
-def upload_latency(url: str, bank: TemplateBank, count: int) -> dict[str, Any]:
+def upload_latency(url: str, bank: TemplateBank, count: int, edit: bool = False) -> dict[str, Any]:
     """PUT `count` new versions one by one; each must answer with its own version on the next request."""
-    blobs = [synthetic_artifact(bank, 50_000 + i).to_bytes() for i in range(4)]
+    blobs = [synthetic_artifact(bank, 50_000 + i, edit=edit).to_bytes() for i in range(4)]
     put_ms, server_ms, servable = [], [], 0
     with httpx.Client(base_url=url, timeout=30) as http:
         for i in range(count):
@@ -251,7 +265,7 @@ def throughput(work: Path, bank_dir: Path, bank: TemplateBank, args: argparse.Na
     from recast_core.backbone import SentenceEncoder
 
     wrk = ensure_wrk()
-    fill_store(work / "tasks", bank, max(args.tasks))
+    fill_store(work / "tasks", bank, max(args.tasks), edit=args.capacity == "ffn_edit")
     max_chars = Settings().max_input_chars  # the server refuses longer texts with a 400, as it should
     texts = [t for t in natural_texts() if len(t) <= max_chars]
     workloads = {
@@ -285,7 +299,7 @@ def throughput(work: Path, bank_dir: Path, bank: TemplateBank, args: argparse.Na
                 result["server_cpu"] = (cpu1 - cpu0) / result["elapsed_s"]
                 result["mean_batch_texts"] = (texts1 - texts0) / max(1.0, forwards1 - forwards0)
                 phases[(k, n)].append(result)
-        uploads = upload_latency(url, bank, args.uploads)
+        uploads = upload_latency(url, bank, args.uploads, edit=args.capacity == "ffn_edit")
         backbone_info = httpx.get(f"{url}/v1/backbone", timeout=30).json()
         rss = rss_mib(pid)
     rows = []
@@ -325,11 +339,13 @@ def throughput(work: Path, bank_dir: Path, bank: TemplateBank, args: argparse.Na
 
 
 def registered(
-    work: Path, bank_dir: Path, bank: TemplateBank, count: int, index: bool = True
+    work: Path, bank_dir: Path, bank: TemplateBank, count: int, index: bool = True, edit: bool = False
 ) -> dict[str, Any]:
-    """Start-up time and memory with `count` stored tasks; without an index, a first start (which builds
-    it from every artifact) and a second one (which reads it)."""
-    fill_store(work / "tasks", bank, count, index=index)
+    """Start-up time and memory with `count` stored tasks (each with an FFN edit when `edit`); without an
+    index, a first start (which builds it from every artifact) and a second one (which reads it). After
+    each start, every distinct artifact's head (and edit) is read into the cache, and memory measured
+    again."""
+    fill_store(work / "tasks", bank, count, index=index, edit=edit)
     starts = []
     for _ in range(1 if index else 2):
         with server_process(bank_dir, work / "tasks", work / "server.log") as server:
@@ -339,11 +355,13 @@ def registered(
                 f"{server['url']}/v1/tasks/{task}/predict", json={"inputs": ["hello"]}, timeout=60
             )
             listed = httpx.get(f"{server['url']}/v1/tasks", params={"limit": 1}, timeout=60).json()["total"]
+            warm_heads(server["url"], min(count, DISTINCT_ARTIFACTS))
             starts.append(
                 {
                     "startup_s": round(server["startup_s"], 1),
                     "rss_mib": round(rss),
                     "peak_rss_mib": round(peak),
+                    "warm_rss_mib": round(rss_mib(server["pid"])),
                     "listed": listed,
                     "predict_status": answer.status_code,
                 }
@@ -356,6 +374,8 @@ def registered(
         "first_startup_s": None if index else starts[0]["startup_s"],
         "rss_mib": last["rss_mib"],
         "peak_rss_mib": last["peak_rss_mib"],
+        "warm_rss_mib": last["warm_rss_mib"],
+        "capacity": "ffn_edit" if edit else "coefficients",
         "rss_bytes_per_task": round(last["rss_mib"] * 2**20 / count),
         "predict_status": last["predict_status"],
         "starts": starts,
@@ -376,7 +396,8 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"Command: `python -m benchmarks.server --dtype {args.dtype} "
         f"--tasks {' '.join(map(str, args.tasks))} "
         f"--texts-per-request {' '.join(map(str, args.texts_per_request))} --seconds {args.seconds:g} "
-        f"--rounds {args.rounds} --concurrency {args.concurrency} --write docs/benchmarks.md` "
+        f"--rounds {args.rounds} --concurrency {args.concurrency}"
+        f"{' --capacity ffn_edit' if args.capacity == 'ffn_edit' else ''} --write docs/benchmarks.md` "
         f"({time.strftime('%Y-%m-%d')}, {cpu_features.describe()}, {platform.machine()}, {os.cpu_count()} "
         f"cores; server dtype {result['dtype']}, CPU variants used: {', '.join(result['variants']) or '-'}; "
         f"load from wrk, one thread, {args.concurrency} connections, the bundled tasks' test texts at "
@@ -425,6 +446,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="the server's RECAST_MAX_BATCH_TEXTS")
     parser.add_argument("--uploads", type=int, default=200)
     parser.add_argument("--bank", type=Path, default=DEFAULT_BANK)
+    parser.add_argument(
+        "--capacity",
+        choices=CAPACITIES,
+        default="coefficients",
+        help="what the generated tasks carry: coefficients, or coefficients and an FFN edit",
+    )
     parser.add_argument("--registered", type=int, help="instead: start-up and memory with this many tasks")
     parser.add_argument(
         "--without-index",
@@ -448,8 +475,9 @@ def main() -> None:
 
 def report(work: Path, bank: TemplateBank, args: argparse.Namespace) -> None:
     if args.registered:
-        result = registered(work, args.bank, bank, args.registered, index=not args.without_index)
-        flag = " --without-index" if args.without_index else ""
+        edit = args.capacity == "ffn_edit"
+        result = registered(work, args.bank, bank, args.registered, index=not args.without_index, edit=edit)
+        flag = (" --without-index" if args.without_index else "") + (" --capacity ffn_edit" if edit else "")
         first = (
             f"the first start built the task index from every artifact in {result['first_startup_s']} s; "
             "on the second start "
@@ -459,18 +487,21 @@ def report(work: Path, bank: TemplateBank, args: argparse.Namespace) -> None:
         body = (
             f"Command: `python -m benchmarks.server --registered {args.registered}{flag} "
             f"--write docs/benchmarks.md` ({time.strftime('%Y-%m-%d')}): {result['listed']:,} tasks in a "
-            f"directory store; {first}the server was "
+            f"directory store{' (each with an FFN edit: 4,608 numbers)' if edit else ''}; {first}"
+            "the server was "
             f"ready {result['startup_s']} s after launch, resident memory {result['rss_mib']:,} MiB "
             f"(peak {result['peak_rss_mib']:,} MiB; {result['rss_bytes_per_task']:,} bytes per task, "
-            "backbone and bank included; classifier heads read back from the store on first use and held "
-            "within the default 1 GiB budget); a prediction on a random task answered "
-            f"{result['predict_status']}."
+            "backbone and bank included; classifier heads (and edits) read back from the store on first "
+            "use and held within the default 1 GiB budget); a prediction on a random task answered "
+            f"{result['predict_status']}; after one prediction on each of the "
+            f"{min(args.registered, DISTINCT_ARTIFACTS):,} distinct artifacts the store cycles, "
+            f"{result['warm_rss_mib']:,} MiB."
         )
-        section = "server-scale"
+        section = "server-scale-ffn-edit" if edit else "server-scale"
     else:
         result = throughput(work, args.bank, bank, args)
         body = render(result, args)
-        section = "server"
+        section = "server-ffn-edit" if args.capacity == "ffn_edit" else "server"
     print(body)
     if args.write:
         replace_section(args.write, section, body)

@@ -109,7 +109,7 @@ def train_task(
     summary: dict[str, Any] = {
         "val_accuracy": outcome.val_accuracy,
         "capacity": options.capacity,
-        "trainable_parameters": sum(int(p.numel()) for p in model.trainable()),
+        "trained_parameters": sum(int(p.numel()) for p in model.trainable()),  # K coefficient sets + edit
         "lr": outcome.lr,
         "lr_trials": outcome.lr_trials,
         "from_trial": outcome.from_trial,

@@ -285,7 +285,7 @@ class JobManager:
             "lr": summary.get("lr"),
             "lr_trials": summary.get("lr_trials"),
             "capacity": summary.get("capacity"),
-            "trainable_parameters": summary.get("trainable_parameters"),
+            "trained_parameters": summary.get("trained_parameters"),
             "seconds": summary.get("seconds"),
         }
         self._end(work, "succeeded", result=result)

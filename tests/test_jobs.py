@@ -82,7 +82,7 @@ def test_a_job_trains_publishes_and_serves_a_task(
         assert result["val_accuracy"] >= 0.8  # SMS spam is easy; a broken training would be near 0.5
         # no lr in the options: it was chosen on validation, and the result says which
         assert result["lr"] in LR_GRID and len(result["lr_trials"]) == len(LR_GRID)
-        assert result["capacity"] == "ffn_edit" and result["trainable_parameters"] == 48 + 2 * 6 * 384
+        assert result["capacity"] == "ffn_edit" and result["trained_parameters"] == 2 * 48 + 2 * 6 * 384
 
         task = http.get("/v1/tasks/spam").json()
         assert task["version"] == 1 and task["labels"] == ["ham", "spam"]
