@@ -41,20 +41,25 @@ METHODS = (
     "recast_compressed",
     "recast_wide",
     "recast_ffn",
+    "recast_pool",
+    "recast_ffn_pool",
     "lora_r8",
     "full_ft",
 )
 # recast: the paper's method on the default bank (the reference row); recast_compressed: fewer templates
 # than layers in the one group; recast_wide (gap-closing extension): one group spanning all 6 layers with
 # 6 templates, so every layer mixes every layer's template (6 coefficients per module instead of 2);
-# recast_ffn: the default bank's coefficients plus a per-channel scale and shift of every FFN output.
+# recast_ffn: the default bank's coefficients plus a per-channel scale and shift of every FFN output;
+# recast_pool: the coefficients with attention pooling by one learned query; recast_ffn_pool: both.
 BANKS = {
     "recast": minilm_config(),
     "recast_compressed": minilm_config(groups=1, templates=3),
     "recast_wide": minilm_config(groups=1, templates=6),
 }
-BANK_OF = {name: name for name in BANKS} | {"recast_ffn": "recast"}  # method -> the bank it trains on
-CAPACITY_OF = {"recast_ffn": "ffn_edit"}  # method -> TrainOptions.capacity (else the coefficients alone)
+EXTENDED = ("recast_ffn", "recast_pool", "recast_ffn_pool")  # on the default bank
+BANK_OF = {name: name for name in BANKS} | dict.fromkeys(EXTENDED, "recast")  # method -> its bank
+CAPACITY_OF = {"recast_ffn": "ffn_edit", "recast_ffn_pool": "ffn_edit"}  # else the coefficients alone
+POOLING_OF = {"recast_pool": "query", "recast_ffn_pool": "query"}  # else the mean pool
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ def run_one(
         seed=seed,
         select_epochs=budget.select_epochs,
         capacity=CAPACITY_OF.get(method, "coefficients"),
+        pooling=POOLING_OF.get(method, "mean"),
     )  # every method's learning rate is chosen on validation (TrainOptions.lr None)
     val, test = _cap(splits.val, budget.max_eval), _cap(splits.test, budget.max_eval)
     start = time.perf_counter()
@@ -135,7 +141,7 @@ def run_one(
         row = {
             "test_accuracy": art.training["test_accuracy"],
             "val_accuracy": art.training["val_accuracy"],
-            "trainable_params": art.coefficients.numel() * bank.config.coeff_sets + art.edit_parameters,
+            "trainable_params": art.coefficients.numel() * bank.config.coeff_sets + art.extra_parameters,
             "stored_params": art.trainable_parameters,
             "head_params": art.head_parameters,
             "artifact_bytes": len(art.to_bytes()),
@@ -166,6 +172,8 @@ def _planned(
     for seed in budget.seeds:  # seed-major: an interrupted run still covers every task
         for task in tasks:
             for method in methods:
+                if task in VISION_TASKS and method in POOLING_OF:
+                    continue  # the vision backbones pool by their class token or the feature map's mean
                 yield task, method, seed
 
 
@@ -177,27 +185,34 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
     for r in runs:
         cell.setdefault((r["task"], r["method"]), []).append(100 * r["test_accuracy"])
     lines = [
-        "| method | " + " | ".join(tasks) + " | mean | trainable params | stored bytes per task |",
-        "|---|" + "---:|" * (len(tasks) + 3),
+        "| method | " + " | ".join(tasks) + " | text mean | vision mean | trainable params (MiniLM) | "
+        "stored bytes per task (MiniLM) |",
+        "|---|" + "---:|" * (len(tasks) + 4),
     ]
-    means: dict[str, float] = {}
     for m in methods:
-        cells, task_means = [], []
+        cells = []
+        means: dict[str, list[float]] = {"text": [], "vision": []}
         for t in tasks:
             values = cell.get((t, m), [])
             if values:
                 mu, sd = mean_std(values)
-                task_means.append(mu)
+                means["vision" if t in VISION_TASKS else "text"].append(mu)
                 cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(values)})")
             else:
                 cells.append("—")
-        rows_m = [r for r in runs if r["method"] == m]
-        means[m] = sum(task_means) / len(task_means) if len(task_means) == len(tasks) else float("nan")
-        params = max(r["trainable_params"] for r in rows_m)
-        size = sorted(r["artifact_bytes"] for r in rows_m)[len(rows_m) // 2]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {means[m]:.2f} | {params:,} | {size:,} |")
+        for group, members in (("text", TEXT_TASKS), ("vision", VISION_TASKS)):
+            complete = means[group] and len(means[group]) == sum(t in members for t in tasks)
+            cells.append(f"{sum(means[group]) / len(means[group]):.2f}" if complete else "—")
+        rows_m = [r for r in runs if r["method"] == m and r["task"] in TEXT_TASKS]
+        if rows_m:
+            params = max(r["trainable_params"] for r in rows_m)
+            size = sorted(r["artifact_bytes"] for r in rows_m)[len(rows_m) // 2]
+            cells += [f"{params:,}", f"{size:,}"]
+        else:
+            cells += ["—", "—"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     _plot(runs, methods, out / "results.png")
-    gaps = [headline(runs, m) for m in ("recast", "recast_wide", "recast_ffn") if m in methods]
+    gaps = [headline(runs, m) for m in ("recast", "recast_wide", *EXTENDED) if m in methods]
     return "\n".join(lines) + "\n\n" + "\n".join(g for g in gaps if g)
 
 

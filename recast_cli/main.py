@@ -14,7 +14,7 @@ from typing import Any
 from recast_cli.logs import configure
 from recast_client.errors import RecastClientError
 from recast_core.errors import RecastError
-from recast_core.train_options import CAPACITIES, TrainOptions
+from recast_core.train_options import CAPACITIES, POOLINGS, TrainOptions
 
 log = logging.getLogger("recast")
 
@@ -82,6 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         max_train_examples=args.max_train_examples,
         seed=args.seed,
         capacity=args.capacity,
+        pooling=args.pooling,
     )
     backbone, bank = _load(args)
     result = train_task(backbone, bank, train, val=val, test=test, options=options)
@@ -96,7 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(line)
     print(
         f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} trained parameters "
-        f"({summary['capacity']}), "
+        f"({summary['capacity']}, {summary['pooling']} pooling), "
         f"{len(result.artifact.labels)} labels)"
     )
 
@@ -364,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=TRAIN_DEFAULTS.capacity,
         help="what the task trains beside its head: coefficients (the per-module template mix) or "
         "ffn_edit (those plus a per-channel scale and shift of every layer's FFN output)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=TRAIN_DEFAULTS.pooling,
+        help="how the head pools the last hidden states: mean, or query (attention with one learned query)",
     )
     p.set_defaults(func=_cmd_train)
 

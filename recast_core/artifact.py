@@ -2,7 +2,8 @@
 
 Tensors: `coefficients` (M, n) float32 (the K sets collapsed), `head.weight` (C, H), `head.bias` (C,);
 from schema 3 on, optionally `ffn.scale` and `ffn.shift` (L, H') together: a per-channel scale and shift of
-every layer's FFN output (representation editing), for banks that have an FFN output kind.
+every layer's FFN output (representation editing), for banks that have an FFN output kind, and
+optionally `pool.query` (H,): the task's attention-pooling query (recast_core/pooling.py).
 Metadata (all strings): `schema_version`, `bank_fingerprint`, `labels` (JSON list of C strings),
 `created` (ISO 8601 UTC), `training` (JSON object), `tensor_sha256` (hex sha256 of the tensor data, the
 bytes after the header; schema 2 on; schema 1 artifacts, written before it existed, still load, and so
@@ -11,7 +12,7 @@ do schema 2 artifacts, written before the FFN edit existed).
 Loading parses the header itself before any tensor is materialised, so truncated files, huge headers
 and bad offsets fail fast with a typed error. Metadata JSON is parsed with bounded numbers (no integer of
 more than MAX_NUMBER_DIGITS digits, no NaN or Infinity). Values are bounded so that no logit can overflow:
-|coefficient| <= MAX_ABS_COEFFICIENT, |FFN scale and shift| <= MAX_ABS_EDIT, and with the backbone's
+|coefficient| <= MAX_ABS_COEFFICIENT, |FFN scale, shift and query| <= MAX_ABS_EDIT, and with the backbone's
 embedding bound E (|embedding_j| <= E),
 E * sum_j |head.weight[c, j]| + |head.bias[c]| <= MAX_LOGIT for every class c.
 """
@@ -51,13 +52,14 @@ SCHEMA_VERSION = 3
 READABLE_SCHEMAS = ("1", "2", "3")  # 1: before tensor_sha256; 2: before the optional FFN edit
 KEYS = ("coefficients", "head.bias", "head.weight")
 EDIT_KEYS = ("ffn.scale", "ffn.shift")  # optional, together, from schema 3 on
+POOL_KEY = "pool.query"  # optional, from schema 3 on
 FIRST_EDIT_SCHEMA = 3
 METADATA_KEYS = ("bank_fingerprint", "created", "labels", "schema_version", "training")
 CHECKSUM_KEY = "tensor_sha256"
 MAX_CREATED_CHARS = 64
 MAX_NUMBER_DIGITS = 64  # digits of a number in the metadata JSON (Python refuses ints over 4,300)
 MAX_ABS_COEFFICIENT = 1e3  # trained coefficients are O(1): this keeps every activation finite in fp32/bf16
-MAX_ABS_EDIT = 1e3  # FFN scales are O(1) and shifts O(0.1): the same headroom
+MAX_ABS_EDIT = 1e3  # FFN scales are O(1), shifts O(0.1), query components O(1): the same headroom
 MAX_LOGIT = 1e30  # far below float32's 3.4e38: logits stay finite however the head is computed
 MAX_ABS_HEAD_VALUE = 1e12  # without a known embedding bound, head values are bounded one by one
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -107,6 +109,7 @@ class TaskArtifact:
     schema_version: int = SCHEMA_VERSION
     ffn_scale: torch.Tensor | None = None  # (L, H'): every layer's FFN output, per channel (with ffn_shift)
     ffn_shift: torch.Tensor | None = None  # (L, H')
+    pool_query: torch.Tensor | None = None  # (H,): attention pooling; None: the mean pool
 
     def __post_init__(self) -> None:
         if (self.ffn_scale is None) != (self.ffn_shift is None):
@@ -133,9 +136,19 @@ class TaskArtifact:
         return 0 if self.edit is None else 2 * int(self.edit[0].numel())
 
     @property
+    def pool_parameters(self) -> int:
+        return 0 if self.pool_query is None else int(self.pool_query.numel())
+
+    @property
+    def extra_parameters(self) -> int:
+        """Beyond the coefficients and the head: the FFN edit's and the pooling query's."""
+        return self.edit_parameters + self.pool_parameters
+
+    @property
     def trainable_parameters(self) -> int:
-        """The per-task numbers that change the backbone: coefficients and, when present, the FFN edit."""
-        return int(self.coefficients.numel()) + self.edit_parameters
+        """The per-task numbers besides the head: coefficients and, when present, the FFN edit and the
+        pooling query."""
+        return int(self.coefficients.numel()) + self.extra_parameters
 
     @property
     def head_parameters(self) -> int:
@@ -150,6 +163,8 @@ class TaskArtifact:
         if self.edit is not None:
             for key, value in zip(EDIT_KEYS, self.edit, strict=True):
                 tensors[key] = value.detach().to(torch.float32).contiguous()
+        if self.pool_query is not None:
+            tensors[POOL_KEY] = self.pool_query.detach().to(torch.float32).contiguous()
         metadata = {
             "schema_version": str(SCHEMA_VERSION),
             "bank_fingerprint": self.bank_fingerprint,
@@ -209,7 +224,9 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
     keys = sorted(header)
     labels, fingerprint, training, created, version = _parse_metadata(metadata)
     edited = any(key in header for key in EDIT_KEYS)
-    expected = sorted(KEYS + EDIT_KEYS) if edited and version >= FIRST_EDIT_SCHEMA else sorted(KEYS)
+    optional = version >= FIRST_EDIT_SCHEMA
+    pooled = POOL_KEY in header and optional
+    expected = sorted(KEYS + (EDIT_KEYS if edited and optional else ()) + ((POOL_KEY,) if pooled else ()))
     if keys != expected:
         missing = sorted(set(expected) - set(keys))
         extra = sorted(set(keys) - set(expected))
@@ -257,6 +274,14 @@ def read_artifact(source: Path | bytes, spec: ArtifactSpec | None = None) -> Tas
                 expected=(num_labels, spec.hidden_size),
                 found=shapes["head.weight"],
             )
+    if POOL_KEY in shapes:
+        hidden = shapes["head.weight"][1]  # == spec.hidden_size, checked above
+        if shapes[POOL_KEY] != (hidden,):
+            raise ArtifactShapeError(
+                "pool.query must be one vector of the backbone's hidden size",
+                expected=(hidden,),
+                found=shapes[POOL_KEY],
+            )
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error type for any inconsistency
@@ -302,7 +327,7 @@ def _check_values(tensors: dict[str, torch.Tensor], embedding_bound: float | Non
             expected=f"|coefficient| <= {MAX_ABS_COEFFICIENT:g}",
             found=f"{largest:.3g}",
         )
-    for key in EDIT_KEYS:
+    for key in (*EDIT_KEYS, POOL_KEY):
         values = tensors.get(key)
         if values is not None and values.numel() and (largest := float(values.abs().max())) > MAX_ABS_EDIT:
             raise ArtifactValueError(
@@ -366,6 +391,7 @@ def _artifact(
         schema_version=version,
         ffn_scale=tensors.get("ffn.scale"),
         ffn_shift=tensors.get("ffn.shift"),
+        pool_query=tensors.get(POOL_KEY),
     )
 
 

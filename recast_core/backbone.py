@@ -39,15 +39,25 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SentenceEncoder(nn.Module):
-    """A BERT-style encoder followed by mean pooling: (input_ids, attention_mask) -> (B, H)."""
+    """A BERT-style encoder followed by pooling (the mean unless `pool` is given, a module taking
+    (hidden, mask)): (input_ids, attention_mask) -> (B, H)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pool: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        self.pool = pool
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.hidden(input_ids, attention_mask)
+        if self.pool is not None:
+            pooled: torch.Tensor = self.pool(hidden, attention_mask)
+            return pooled
         return mean_pool(hidden, attention_mask)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last hidden states."""
+        out: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return out
 
 
 @dataclass(eq=False)
@@ -85,11 +95,13 @@ class TextBackbone:
         batch_size: int = 64,
         max_length: int = DEFAULT_MAX_LENGTH,
         progress: bool = False,
+        pool: nn.Module | None = None,
     ) -> torch.Tensor:
-        """(len(texts), H) mean-pooled embeddings, by `model` (default: this backbone's model).
+        """(len(texts), H) embeddings by `model` (default: this backbone's model), mean-pooled unless
+        `pool` is given.
 
         Batches are formed by text length to limit padding; rows come back in input order."""
-        encoder = SentenceEncoder(model if model is not None else self.model).eval()
+        encoder = SentenceEncoder(model if model is not None else self.model, pool).eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.hidden_size)
         starts = range(0, len(order), batch_size)

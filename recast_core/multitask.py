@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from kernels import Kernels, Segments, segments_of
-from recast_core.backbone import SentenceEncoder, TextBackbone
+from recast_core.backbone import SentenceEncoder, TextBackbone, mean_pool
 from recast_core.bank import TemplateBank
 from recast_core.errors import PlanError
 from recast_core.ffn_edit import EDITED_KIND, edit_shape
+from recast_core.pooling import query_pool
 from recast_core.reparam import matching_plan
 
 
@@ -164,6 +165,7 @@ class MultiTaskEncoder(nn.Module):
         self.num_modules = module_index
         self.num_edited_layers, self.edit_width = edits if edits is not None else (0, 0)
         self.num_templates = bank.num_templates
+        self.hidden_size = backbone.hidden_size
         self.base_coefficients = bank.base_coefficients.mean(dim=1).to(torch.float32)  # (M, n)
 
     @torch.no_grad()
@@ -176,9 +178,11 @@ class MultiTaskEncoder(nn.Module):
         cache_keys: Sequence[Hashable] | None = None,
         ffn_scale: torch.Tensor | None = None,
         ffn_shift: torch.Tensor | None = None,
+        pool_query: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, H) embeddings; sequence b uses coefficients[task_of_sequence[b]] ((S, M, n) table) and,
-        when given, the per-channel scale and shift ((S, L, H) tables) of every layer's FFN output."""
+        when given, the per-channel scale and shift ((S, L, H) tables) of every layer's FFN output, and
+        the attention-pooling query ((S, H); a task's row of zeros: the mean pool, bit for bit)."""
         m, n = self.num_modules, self.num_templates
         if coefficients.ndim != 3 or coefficients.shape[1:] != (m, n):
             raise ValueError(f"coefficients must be (S, {m}, {n}), got {tuple(coefficients.shape)}")
@@ -186,6 +190,11 @@ class MultiTaskEncoder(nn.Module):
         for name, part in (("ffn_scale", ffn_scale), ("ffn_shift", ffn_shift)):
             if part is not None and tuple(part.shape) != edit_shape:
                 raise ValueError(f"{name} must be {edit_shape}, got {tuple(part.shape)}")
+        hidden_size = self.hidden_size
+        if pool_query is not None and tuple(pool_query.shape) != (coefficients.shape[0], hidden_size):
+            raise ValueError(
+                f"pool_query must be ({coefficients.shape[0]}, {hidden_size}), got {tuple(pool_query.shape)}"
+            )
         if task_of_sequence.shape != (input_ids.shape[0],):
             raise ValueError(
                 f"task_of_sequence must be ({input_ids.shape[0]},), got {tuple(task_of_sequence.shape)}"
@@ -212,9 +221,15 @@ class MultiTaskEncoder(nn.Module):
         mask = self._to_device(attention_mask.cpu()[order])
         self.router.batch = batch
         try:
-            embeddings = self.encoder(ids, mask)
+            hidden = self.encoder.hidden(ids, mask)
         finally:
             self.router.batch = None
+        embeddings = mean_pool(hidden, mask)
+        if pool_query is not None:
+            queries = self._to_device(pool_query.to(torch.float32))[batch.sequence_slots]  # (B, H)
+            pooled = queries.ne(0).any(dim=1)
+            if bool(pooled.any()):
+                embeddings = torch.where(pooled[:, None], query_pool(hidden, mask, queries), embeddings)
         order = self._to_device(order)
         return torch.empty_like(embeddings).index_copy_(0, order, embeddings)
 

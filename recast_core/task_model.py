@@ -14,6 +14,7 @@ from recast_core.artifact import DEFAULT_MAX_BYTES, ArtifactSpec, TaskArtifact
 from recast_core.backbone import DEFAULT_MAX_LENGTH, SentenceEncoder, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.ffn_edit import FfnEdit, edit_shape
+from recast_core.pooling import QueryPool
 from recast_core.reparam import Reparameterized, reparameterize
 
 
@@ -44,16 +45,22 @@ class Prediction:
 
 class TextTaskModel(nn.Module):
     """encoder (a private copy of the backbone, reparameterized on `bank`, with the FFN edit when
-    `edit`) -> mean pooling -> head."""
+    `edit`) -> mean pooling (attention with a learned query when `pool`) -> head."""
 
     def __init__(
-        self, backbone: TextBackbone, bank: TemplateBank, num_labels: int, edit: bool = False
+        self,
+        backbone: TextBackbone,
+        bank: TemplateBank,
+        num_labels: int,
+        edit: bool = False,
+        pool: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.reparam: Reparameterized = reparameterize(copy.deepcopy(backbone.model), bank)
         self.edit = FfnEdit(self.reparam.model, self.reparam.plan) if edit else None
-        self.encoder = SentenceEncoder(self.reparam.model)
+        self.pool = QueryPool(backbone.hidden_size) if pool else None
+        self.encoder = SentenceEncoder(self.reparam.model, self.pool)
         self.head = nn.Linear(backbone.hidden_size, num_labels)
         self.labels: tuple[str, ...] = tuple(str(i) for i in range(num_labels))
         self.eval()
@@ -69,7 +76,13 @@ class TextTaskModel(nn.Module):
     def from_artifact(
         cls, backbone: TextBackbone, bank: TemplateBank, artifact: TaskArtifact
     ) -> TextTaskModel:
-        model = cls(backbone, bank, len(artifact.labels), edit=artifact.edit is not None)
+        model = cls(
+            backbone,
+            bank,
+            len(artifact.labels),
+            edit=artifact.edit is not None,
+            pool=artifact.pool_query is not None,
+        )
         model.load_artifact(artifact)
         return model
 
@@ -80,6 +93,10 @@ class TextTaskModel(nn.Module):
             )
         if (artifact.edit is None) != (self.edit is None):
             raise ValueError("the artifact and the model differ in whether they edit the FFN outputs")
+        if (artifact.pool_query is None) != (self.pool is None):
+            raise ValueError("the artifact and the model differ in whether they pool with a query")
+        if self.pool is not None and artifact.pool_query is not None:
+            self.pool.load(artifact.pool_query)
         self.reparam.set_coefficients(artifact.coefficients)
         if self.edit is not None and artifact.edit is not None:
             self.edit.load(*artifact.edit)
@@ -89,8 +106,11 @@ class TextTaskModel(nn.Module):
         self.labels = artifact.labels
 
     def trainable(self) -> list[nn.Parameter]:
-        """What training changes beside the head: the coefficients and, when present, the FFN edit."""
-        return [*self.reparam.coefficients, *([] if self.edit is None else self.edit.parameters())]
+        """What training changes beside the head: the coefficients and, when present, the FFN edit and the
+        pooling query."""
+        extra = [*([] if self.edit is None else self.edit.parameters())]
+        extra += [] if self.pool is None else list(self.pool.parameters())
+        return [*self.reparam.coefficients, *extra]
 
     def export(self, training: dict[str, Any]) -> TaskArtifact:
         scale, shift = (None, None) if self.edit is None else self.edit.values()
@@ -103,6 +123,7 @@ class TextTaskModel(nn.Module):
             training=training,
             ffn_scale=scale,
             ffn_shift=shift,
+            pool_query=None if self.pool is None else self.pool.value(),
         )
 
     @torch.no_grad()
@@ -111,7 +132,7 @@ class TextTaskModel(nn.Module):
     ) -> torch.Tensor:
         """(len(texts), C) logits, in input order."""
         embeddings = self.backbone.embed(
-            texts, model=self.reparam.model, batch_size=batch_size, max_length=max_length
+            texts, model=self.reparam.model, batch_size=batch_size, max_length=max_length, pool=self.pool
         )
         return self.head(embeddings)
 

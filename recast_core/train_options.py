@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 from recast_core.errors import ConfigError
 
-__all__ = ["CAPACITIES", "LR_GRID", "SCHEDULES", "TrainOptions"]
+__all__ = ["CAPACITIES", "LR_GRID", "POOLINGS", "SCHEDULES", "TrainOptions"]
 
 SCHEDULES = ("constant", "cosine")
 # what a task trains beside its head: the paper's per-module coefficients, or those plus a per-channel
 # scale and shift of every layer's FFN output (representation editing)
 CAPACITIES = ("coefficients", "ffn_edit")
+# how the head pools the last hidden states: their mean, or attention with one learned query per task
+POOLINGS = ("mean", "query")
 LR_GRID = (1e-2, 3e-2, 1e-1)  # coefficient learning rates tried when none is given
 
 
@@ -35,6 +37,7 @@ class TrainOptions:
     max_train_examples: int | None = None
     seed: int = 0
     capacity: str = "coefficients"
+    pooling: str = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_grid", tuple(self.lr_grid))  # JSON gives a list
@@ -58,6 +61,8 @@ class TrainOptions:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.capacity not in CAPACITIES:
             problems.append(f"capacity must be one of {', '.join(CAPACITIES)}, got {self.capacity!r}")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 < self.val_fraction < 1:

@@ -79,7 +79,9 @@ def train_task(
     train_y = torch.tensor([index[y] for y in train.labels])
     val_y = torch.tensor([index[y] for y in val.labels])
 
-    model = TextTaskModel(backbone, bank, len(labels), edit=options.capacity == "ffn_edit")
+    model = TextTaskModel(
+        backbone, bank, len(labels), edit=options.capacity == "ffn_edit", pool=options.pooling == "query"
+    )
     model.labels = tuple(labels)
     if on_progress is not None:
         on_progress("embedding", 0, 1)
@@ -109,6 +111,7 @@ def train_task(
     summary: dict[str, Any] = {
         "val_accuracy": outcome.val_accuracy,
         "capacity": options.capacity,
+        "pooling": options.pooling,
         "trained_parameters": sum(int(p.numel()) for p in model.trainable()),  # K coefficient sets + edit
         "lr": outcome.lr,
         "lr_trials": outcome.lr_trials,

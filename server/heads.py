@@ -24,15 +24,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, eq=False)
 class Head:
-    """What a task adds on top of its coefficients: the classifier and, optionally, the FFN edit."""
+    """What a task adds on top of its coefficients: the classifier and, optionally, the FFN edit and the
+    pooling query."""
 
     weight: torch.Tensor  # (C, H)
     bias: torch.Tensor  # (C,)
     edit: tuple[torch.Tensor, torch.Tensor] | None = None  # FFN output (scale, shift), each (L, H')
+    query: torch.Tensor | None = None  # (H,) attention-pooling query; None: the mean pool
 
     @classmethod
     def of(cls, artifact: TaskArtifact) -> Head:
-        return cls(artifact.head_weight, artifact.head_bias, artifact.edit)
+        return cls(artifact.head_weight, artifact.head_bias, artifact.edit, artifact.pool_query)
 
     @property
     def classes(self) -> int:
@@ -40,11 +42,12 @@ class Head:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Head:
         edit = None if self.edit is None else (self.edit[0].to(device, dtype), self.edit[1].to(device, dtype))
-        return Head(self.weight.to(device, dtype), self.bias.to(device, dtype), edit)
+        query = None if self.query is None else self.query.to(device, dtype)
+        return Head(self.weight.to(device, dtype), self.bias.to(device, dtype), edit, query)
 
     @property
     def nbytes(self) -> int:
-        parts = (self.weight, self.bias, *(self.edit or ()))
+        parts = (self.weight, self.bias, *(self.edit or ()), *(() if self.query is None else (self.query,)))
         return sum(t.numel() * t.element_size() for t in parts)
 
 

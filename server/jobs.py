@@ -285,6 +285,7 @@ class JobManager:
             "lr": summary.get("lr"),
             "lr_trials": summary.get("lr_trials"),
             "capacity": summary.get("capacity"),
+            "pooling": summary.get("pooling"),
             "trained_parameters": summary.get("trained_parameters"),
             "seconds": summary.get("seconds"),
         }

@@ -8,7 +8,8 @@ as two or more length groups (`length_groups`), so padding stays small. The embe
 stay on the device; the heads of all the batch's tasks run as one matmul against their concatenated
 weights, each row then reading its own task's classes; probabilities reach the host once per batch. When
 any task of the batch edits its FFN outputs, the batch carries (S, L, H') scale and shift tables (the
-other tasks' rows are 1 and 0, which leave their outputs bit for bit as they were).
+other tasks' rows are 1 and 0, which leave their outputs bit for bit as they were); when any pools with a
+query, an (S, H) query table (the others' rows are zeros: the mean pool, as before).
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class Predictor:
             slots.setdefault(r.entry.cache_key, len(slots))
         entries = {r.entry.cache_key: r.entry for r in requests}
         table = torch.stack([entries[key].coefficients for key in slots])  # (S, M, n)
-        scale, shift = self._edit_tables({r.entry.cache_key: r.head for r in requests}, list(slots))
+        heads = {r.entry.cache_key: r.head for r in requests}
+        scale, shift = self._edit_tables(heads, list(slots))
+        queries = self._query_table(heads, list(slots))
         task_of_text = torch.tensor(
             [slots[r.entry.cache_key] for r in requests for _ in r.texts], dtype=torch.int64
         )
@@ -144,7 +147,7 @@ class Predictor:
         for group in length_groups([len(ids) for ids in tokens]):
             ids, mask = self._padded([tokens[i] for i in group])
             index = torch.tensor(group, dtype=torch.int64)
-            rows = self.encoder(ids, mask, task_of_text[index], table, list(slots), scale, shift)
+            rows = self.encoder(ids, mask, task_of_text[index], table, list(slots), scale, shift, queries)
             out.index_copy_(0, index.to(self.device), rows)
         return out
 
@@ -163,6 +166,17 @@ class Predictor:
                 scale[s].copy_(edit[0])
                 shift[s].copy_(edit[1])
         return scale, shift
+
+    def _query_table(self, heads: dict[str, Head], keys: list[str]) -> torch.Tensor | None:
+        """(S, H) float32 pooling queries of the batch's tasks (zeros: the mean pool); None: none has one."""
+        if all(heads[key].query is None for key in keys):
+            return None
+        table = torch.zeros(len(keys), self.backbone.hidden_size, device=self.device)
+        for s, key in enumerate(keys):
+            query = heads[key].query
+            if query is not None:
+                table[s].copy_(query)
+        return table
 
     def _padded(self, tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids and attention mask, padded on the right to the group's longest text."""

@@ -60,7 +60,7 @@ class TaskEntry:
     digest: str  # sha256 of the artifact bytes
     created: str
     bank_fingerprint: str
-    edit_parameters: int = 0  # the FFN edit's scale and shift (0: the task has none)
+    extra_parameters: int = 0  # the FFN edit's scale and shift and the pooling query (0: neither)
     known_training: dict[str, Any] | None = None  # None: read from the stored artifact when asked for
     load_training: Callable[[TaskEntry], dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -73,7 +73,7 @@ class TaskEntry:
             coefficients=artifact.coefficients,
             labels=artifact.labels,
             head_parameters=artifact.head_parameters,
-            edit_parameters=artifact.edit_parameters,
+            extra_parameters=artifact.extra_parameters,
             size_bytes=len(stored.data),
             updated=stored.updated,
             digest=digest,
@@ -97,7 +97,7 @@ class TaskEntry:
 
     @property
     def trainable_parameters(self) -> int:
-        return int(self.coefficients.numel()) + self.edit_parameters
+        return int(self.coefficients.numel()) + self.extra_parameters
 
 
 @dataclass(frozen=True)
@@ -386,7 +386,7 @@ class TaskRegistry:
             coefficients=torch.from_numpy(index.coefficients_of(r).astype(np.float32)),
             labels=labels,
             head_parameters=head_parameters,
-            edit_parameters=int(index.head_parameters[r]) - head_parameters,
+            extra_parameters=int(index.head_parameters[r]) - head_parameters,
             size_bytes=int(index.sizes[r]),
             updated=index.updated[r],
             digest=index.digests[r].tobytes().hex(),

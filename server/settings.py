@@ -78,7 +78,9 @@ class Settings(BaseSettings):
         default=64, ge=8, le=512, description="tokens per input (longer inputs are truncated)"
     )
     head_cache_bytes: int = Field(
-        default=1 << 30, ge=0, description="memory for classifier heads; others are read back from the store"
+        default=1 << 30,
+        ge=0,
+        description="memory for classifier heads and FFN edits; others are read back from the store",
     )
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted task artifact")
     max_training_jobs: int = Field(default=1, ge=1, le=64, description="training jobs run at once")

@@ -72,6 +72,11 @@ class TrainingOptions(BaseModel):
         description="what the task trains beside its head: the per-module coefficients, or those plus a "
         "per-channel scale and shift of every layer's FFN output (representation editing)",
     )
+    pooling: Literal["mean", "query"] = Field(
+        default=cast(Any, CORE.pooling),
+        description="how the head pools the last hidden states: their mean, or attention with one learned "
+        "query per task",
+    )
 
 
 class TrainRequest(BaseModel):

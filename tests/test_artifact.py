@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -320,7 +321,15 @@ def _nan_shift() -> dict[str, torch.Tensor]:
     return _edit_tensors(ffn_shift=shift)
 
 
+def _pooled(query: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _tensors() | {"pool.query": query}
+
+
 EDIT_CASES = [
+    ("a query in schema 2", lambda: _signed(_pooled(torch.zeros(384)), "2"), SPEC, ArtifactKeyError),
+    ("a query of the wrong size", lambda: _signed(_pooled(torch.zeros(383))), SPEC, ArtifactShapeError),
+    ("a 2-D query", lambda: _signed(_pooled(torch.zeros(1, 384))), SPEC, ArtifactShapeError),
+    ("a huge query", lambda: _signed(_pooled(torch.full((384,), 2e3))), SPEC, ArtifactValueError),
     (
         "an edit in a schema 2 artifact",
         lambda: _signed(_edit_tensors(), schema="2"),
@@ -359,3 +368,12 @@ def test_scale_and_shift_come_together() -> None:
     art = _artifact()
     with pytest.raises(ValueError, match="together"):
         TaskArtifact(art.coefficients, art.head_weight, art.head_bias, LABELS, FP, ffn_scale=torch.ones(6, 8))
+
+
+def test_a_pooling_query_round_trips_beside_an_edit() -> None:
+    query = torch.randn(384, generator=torch.Generator().manual_seed(3))
+    art = replace(_edited(), pool_query=query)
+    loaded = read_artifact(art.to_bytes(), EDIT_SPEC)
+    assert loaded.pool_query is not None and torch.equal(loaded.pool_query, query)
+    assert loaded.edit is not None and loaded.trainable_parameters == 48 + 2 * 6 * 384 + 384
+    assert read_artifact(_signed(_pooled(query)), SPEC).edit is None

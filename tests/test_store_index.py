@@ -93,13 +93,13 @@ def test_index_survives_restarts_and_matches_a_full_scan(tmp_path: Path) -> None
     for task_id in ("task-0", "task-1", "team-a~task-0", "task-5"):
         got, want = registry.get(task_id), fresh.get(task_id)
         assert torch.equal(got.coefficients, want.coefficients)
-        fields = ("version", "labels", "head_parameters", "edit_parameters", "size_bytes", "updated")
+        fields = ("version", "labels", "head_parameters", "extra_parameters", "size_bytes", "updated")
         for field in (*fields, "digest", "created", "trainable_parameters"):
             assert getattr(got, field) == getattr(want, field), field
         assert got.training == want.training and got.bank_fingerprint == want.bank_fingerprint
         head, truth = registry.head(got), registry.head(want)  # read back from the store
         assert torch.equal(head.weight, truth.weight)
-        assert (head.edit is None) == (truth.edit is None) == (got.edit_parameters == 0)
+        assert (head.edit is None) == (truth.edit is None) == (got.extra_parameters == 0)
         if head.edit is not None and truth.edit is not None:
             assert torch.equal(head.edit[1], truth.edit[1])
     assert [e.task_id for e in registry.page()[0]] == [e.task_id for e in fresh.page()[0]]

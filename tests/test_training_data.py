@@ -90,9 +90,10 @@ def test_a_csv_with_distinct_columns_is_read() -> None:
 def test_the_api_defaults_and_capacities_are_the_training_codes() -> None:
     from typing import get_args
 
-    from recast_core.train_options import CAPACITIES, TrainOptions
+    from recast_core.train_options import CAPACITIES, POOLINGS, TrainOptions
 
     assert get_args(TrainingOptions.model_fields["capacity"].annotation) == CAPACITIES
+    assert get_args(TrainingOptions.model_fields["pooling"].annotation) == POOLINGS
     core = TrainOptions()
     defaults = TrainingOptions()
     for name in TrainingOptions.model_fields:

@@ -3,8 +3,8 @@
 One row per task: stored id, version, updated, state (live, tombstone, or live but unreadable) and, for a
 live task, its `Summary`: digest (sha256 of the artifact bytes), size, the (M, n) float32 coefficients,
 the head's hidden size, the count of parameters read back with the head (the head's, plus the FFN edit's
-when the task has one), labels, created and the bank fingerprint. The training summary
-and the head stay in the artifact and are read from the store when needed.
+and the pooling query's when the task has them), labels, created and the bank fingerprint. The training
+summary and the head stay in the artifact and are read from the store when needed.
 
 `TaskIndex` keeps rows in columns (numpy arrays and UTF-8 blobs): a million tasks are a few hundred MB in
 a few dozen objects, written and read in one piece (`to_chunks` / `from_buffer`, sha256-checked).
@@ -38,7 +38,7 @@ class Summary(NamedTuple):
     shape: tuple[int, int]  # of the coefficients: (M, n)
     coefficients: bytes  # (M, n) float32, little-endian
     hidden_size: int  # head.weight is (C, hidden_size)
-    head_parameters: int  # stored beside the coefficients: C * (hidden_size + 1), plus the FFN edit's
+    head_parameters: int  # read back with the head: C * (hidden_size + 1), plus the edit's and query's
     bank_fingerprint: str
     created: str
     labels: str  # JSON list of the C labels
@@ -65,7 +65,7 @@ def summary_of(data: bytes, artifact: TaskArtifact, digest: bytes | None = None)
         (int(rows), int(cols)),
         coefficients.tobytes(),
         int(artifact.head_weight.shape[1]),
-        artifact.head_parameters + artifact.edit_parameters,
+        artifact.head_parameters + artifact.extra_parameters,
         artifact.bank_fingerprint,
         artifact.created,
         json.dumps(list(artifact.labels), ensure_ascii=False),

@@ -1,6 +1,9 @@
-"""Tasks that edit their FFN outputs: served as they train, beside tasks that do not, which stay bit-exact."""
+"""Tasks that edit their FFN outputs or pool with a query: served as they train, beside tasks that do
+neither, which stay bit-exact."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +22,12 @@ from server.stores.base import StoredTask
 MAX_LENGTH = 32
 
 
-def _edited(bank: TemplateBank, seed: int) -> TaskArtifact:
+def _edited(bank: TemplateBank, seed: int, pooled: bool = False) -> TaskArtifact:
+    """With an FFN edit, or (pooled) with a pooling query instead."""
     plain = task_artifact(bank, seed)
     gen = torch.Generator().manual_seed(100 + seed)
+    if pooled:
+        return replace(plain, pool_query=0.5 * torch.randn(384, generator=gen))
     return TaskArtifact(
         coefficients=plain.coefficients,
         head_weight=plain.head_weight,
@@ -57,12 +63,16 @@ def _request(name: str, data: bytes, bank: TemplateBank, texts: list[str]) -> Ta
     return TaskRequest(entry, Head.of(artifact), texts)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("dtype", "pooled"),
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)],
+    ids=["edit-fp32", "edit-bf16", "query-fp32", "query-bf16"],
+)
 def test_edited_tasks_serve_as_they_train_and_leave_other_tasks_bit_exact(
-    backbone: TextBackbone, default_bank: TemplateBank, dtype: torch.dtype
+    backbone: TextBackbone, default_bank: TemplateBank, dtype: torch.dtype, pooled: bool
 ) -> None:
     texts = sample_sentences()[:5]
-    edited = _edited(default_bank, 1)
+    edited = _edited(default_bank, 1, pooled)
     twin = task_artifact(default_bank, 1)  # the same coefficients and head, no edit
     old = _schema_2(task_artifact(default_bank, 2))
     predictor = Predictor(backbone, default_bank, Kernels("cpu"), max_length=MAX_LENGTH, dtype=dtype)
@@ -73,7 +83,7 @@ def test_edited_tasks_serve_as_they_train_and_leave_other_tasks_bit_exact(
     }
     predictor.logits(pairs["twin"])  # the first batch of its kind chooses the CPU variants: then fixed
     beside_twin, beside_edited = (predictor.logits(pairs[name]) for name in ("twin", "edited"))
-    # the schema 2 task's rows are bit for bit the same whether its neighbour edits its FFN outputs or not
+    # the schema 2 task's rows are bit for bit the same whether its neighbour edits (or pools) or not
     assert torch.equal(beside_twin[0], beside_edited[0])
     assert (beside_twin[1] - beside_edited[1]).abs().max() > 1e-2, "the edit must change the logits"
     # the edited task serves what its training model computes (forward hooks on the plain reparam model)
@@ -82,4 +92,22 @@ def test_edited_tasks_serve_as_they_train_and_leave_other_tasks_bit_exact(
     tolerance = {torch.float32: 1e-3, torch.bfloat16: 0.15}[dtype]
     assert float((beside_edited[1] - want).abs().max()) < tolerance
     assert model.export({}).to_bytes() != twin.to_bytes()
-    assert torch.equal(model.export({}).edit[0], edited.edit[0])  # type: ignore[index]
+    exported = model.export({})
+    if pooled:
+        assert exported.edit is None and torch.equal(exported.pool_query, edited.pool_query)  # type: ignore[arg-type]
+    else:
+        assert exported.pool_query is None and torch.equal(exported.edit[0], edited.edit[0])  # type: ignore[index]
+
+
+def test_a_zero_query_is_the_mean_pool(backbone: TextBackbone) -> None:
+    from recast_core.backbone import mean_pool
+    from recast_core.pooling import query_pool
+
+    tokens = backbone.tokenize(sample_sentences()[:4], max_length=MAX_LENGTH)
+    with torch.no_grad():
+        hidden = backbone.model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"]
+    zero = query_pool(hidden, mask, torch.zeros(4, 384))
+    torch.testing.assert_close(zero, mean_pool(hidden, mask), rtol=1e-5, atol=1e-6)
+    sharp = query_pool(hidden, mask, 50 * hidden[:, 1])  # a query aimed at each text's first word
+    assert float((sharp - hidden[:, 1]).abs().max()) < float((zero - hidden[:, 1]).abs().max())
