@@ -59,8 +59,3 @@ class ByteBudgetLRU(Generic[V]):
             while self._bytes > self.max_bytes:
                 _, old = self._values.popitem(last=False)
                 self._bytes -= self._size(old)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._bytes = 0

@@ -43,6 +43,17 @@ class Prediction:
     scores: dict[str, float]
 
 
+def predictions(probabilities: torch.Tensor, labels: Sequence[str]) -> list[Prediction]:
+    """One Prediction per row of (N, C) probabilities: the most probable label and every label's score."""
+    return [
+        Prediction(
+            label=labels[int(row.argmax())],
+            scores={label: float(p) for label, p in zip(labels, row.tolist(), strict=True)},
+        )
+        for row in probabilities
+    ]
+
+
 class TextTaskModel(nn.Module):
     """encoder (a private copy of the backbone, reparameterized on `bank`, with the FFN edit when
     `edit`) -> mean pooling (attention with a learned query when `pool`) -> head."""
@@ -137,11 +148,4 @@ class TextTaskModel(nn.Module):
         return self.head(embeddings)
 
     def predict(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> list[Prediction]:
-        probs = torch.softmax(self.logits(texts, max_length=max_length), dim=-1)
-        return [
-            Prediction(
-                label=self.labels[int(row.argmax())],
-                scores={label: float(p) for label, p in zip(self.labels, row, strict=True)},
-            )
-            for row in probs
-        ]
+        return predictions(torch.softmax(self.logits(texts, max_length=max_length), dim=-1), self.labels)

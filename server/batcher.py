@@ -33,9 +33,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from recast_core.task_model import Prediction
 from server.errors import NotReady, Overloaded, ServerError
 from server.metrics import Metrics
-from server.predictor import Output, Result, TaskRequest
+from server.predictor import Result, TaskRequest
 from server.task_ids import split_stored_id
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ QUEUE_HARD_CAP = 2  # the whole queue never exceeds this many times max_queue_te
 class _Pending:
     request: TaskRequest
     tenant: str
-    future: asyncio.Future[list[Output]]
+    future: asyncio.Future[list[Prediction]]
     enqueued: float
 
     @property
@@ -115,13 +116,13 @@ class Batcher:
         _fail(self._drain(), NotReady("the server is shutting down", retry_after=1))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, request: TaskRequest) -> list[Output]:
+    async def submit(self, request: TaskRequest) -> list[Prediction]:
         if self._closed:
             raise NotReady("the server is shutting down", retry_after=1)
         tenant = split_stored_id(request.entry.task_id)[0]
         texts = len(request.texts)
         self._admit(tenant, texts)
-        future: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(tenant, deque()).append(_Pending(request, tenant, future, time.monotonic()))
         self._tenant_texts[tenant] = self._tenant_texts.get(tenant, 0) + texts
         self._pending_texts += texts

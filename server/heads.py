@@ -75,9 +75,6 @@ class HeadCache(ByteBudgetLRU[Head]):
     def put(self, key: Hashable, value: Head) -> None:
         super().put(key, value.to(self.device, self.dtype))
 
-    def cached(self, digest: str) -> Head | None:
-        return self.get(digest)
-
     def head(self, entry: TaskEntry) -> Head:
         """The entry's head, from the cache or loaded (may block on the store; raises Superseded)."""
         head = self.get(entry.digest)

@@ -24,6 +24,7 @@ from kernels import Kernels
 from recast_core.backbone import DEFAULT_MAX_LENGTH, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.multitask import MultiTaskEncoder
+from recast_core.task_model import Prediction, predictions
 from server.errors import BadInput, ServerError
 from server.heads import Head
 from server.registry import TaskEntry
@@ -32,12 +33,6 @@ from server.task_ids import split_stored_id
 log = logging.getLogger(__name__)
 MIN_GROUP = 8  # texts: a length group smaller than this is not worth its own forward
 MIN_SAVING = 0.25  # share of the padded tokens a split must save
-
-
-@dataclass(frozen=True)
-class Output:
-    label: str
-    scores: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class TaskRequest:
         return None if self.tokens is None else max((len(ids) for ids in self.tokens), default=0)
 
 
-Result = list[Output] | BaseException  # one request's answer: its outputs, or the error it alone caused
+Result = list[Prediction] | BaseException  # one request's answer: its outputs, or the error it alone caused
 
 
 def check_texts(texts: Sequence[str], max_inputs: int, max_chars: int) -> None:
@@ -257,14 +252,5 @@ class Predictor:
                 )
                 log.error("non-finite scores", extra={"task_id": r.entry.task_id, "version": r.entry.version})
                 continue
-            labels = r.entry.labels
-            results.append(
-                [
-                    Output(
-                        label=labels[int(row.argmax())],
-                        scores={label: float(p) for label, p in zip(labels, row.tolist(), strict=True)},
-                    )
-                    for row in probs
-                ]
-            )
+            results.append(predictions(probs, r.entry.labels))
         return results

@@ -18,7 +18,7 @@ import bisect
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,18 +271,6 @@ class TaskRegistry:
         if value.reason is None:
             raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
         raise unavailable(task_id, value.reason)
-
-    def snapshot(self, task_ids: Iterable[str]) -> dict[str, TaskEntry]:
-        """The current entry of each id (one consistent read); UnknownTask for the first missing id."""
-        with self._lock:
-            base, overlay = self._base, dict(self._overlay)
-        found = {}
-        for task_id in task_ids:
-            value = overlay.get(task_id) or self._value(base, task_id, base.rows.get(task_id))
-            if not isinstance(value, TaskEntry):
-                raise UnknownTask(f"no task {split_stored_id(task_id)[1]!r}")
-            found[task_id] = value
-        return found
 
     def page(
         self, after: str = "", limit: int = 100, tenant: str = DEFAULT_TENANT

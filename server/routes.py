@@ -263,7 +263,7 @@ async def predict(
     runtime, batcher = state.require()
     registry = runtime.registry
     entry = registry.get(stored_id)  # this version (and its head) answers the whole request
-    head = registry.heads.cached(entry.digest)
+    head = registry.heads.get(entry.digest)
     if head is None:  # evicted under the memory budget: read back from the store, off the event loop
         entry, head = await run_in_threadpool(registry.resolve, stored_id)
     tokens = await run_in_threadpool(runtime.predictor.encode, body.inputs)  # at the edge, off the loop

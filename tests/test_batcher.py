@@ -12,11 +12,12 @@ import pytest
 from tiny_tasks import TINY_SPEC, tiny_artifact
 
 from recast_core.artifact import TaskArtifact
+from recast_core.task_model import Prediction
 from server.batcher import Batcher, Result
 from server.catalog import TaskCatalog
 from server.errors import Overloaded, ServerError
 from server.heads import Head
-from server.predictor import Output, TaskRequest
+from server.predictor import TaskRequest
 from server.registry import TaskEntry, TaskRegistry
 from server.stores.directory import DirectoryStore
 
@@ -45,7 +46,7 @@ def _answer(requests: Sequence[TaskRequest]) -> list[Result]:
         raise TypeError(
             "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
         )
-    return [[Output(r.texts[0], {"no": 0.5, "yes": 0.5}) for _ in r.texts] for r in requests]
+    return [[Prediction(r.texts[0], {"no": 0.5, "yes": 0.5}) for _ in r.texts] for r in requests]
 
 
 def test_a_poisoned_request_fails_alone_and_is_logged_once(

@@ -69,7 +69,8 @@ def test_soak_briefly_has_no_errors_and_reports_every_window(bank_dir: Path, tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["error_rate"] == 0.0 and result["error_samples"] == []
-    assert result["throttled_429"] >= 0 and result["requests"] > 20
+    # 3 connections never overload the server so much that more than a tenth of requests are refused
+    assert result["throttled_429"] <= result["requests"] // 10 and result["requests"] > 20
     windows = result["windows"]
     assert [w["window"] for w in windows] == [0, 1, 2, 3]
     for w in windows:

@@ -13,10 +13,11 @@ from pydantic import ValidationError
 from tiny_tasks import TINY_SPEC, tiny_artifact
 
 from recast_core.artifact import TaskArtifact
+from recast_core.task_model import Prediction
 from server.batcher import Batcher
 from server.catalog import TaskCatalog
 from server.errors import NotReady, Overloaded, ServerError
-from server.predictor import Output, TaskRequest
+from server.predictor import TaskRequest
 from server.registry import TaskRegistry
 from server.runtime import _preload
 from server.settings import Settings
@@ -60,11 +61,11 @@ def test_batcher_survives_a_bad_forward_and_refuses_overload(tmp_path: Path) -> 
     head = catalog.registry.head(entry)
     calls: list[int] = []
 
-    def forward(requests: Sequence[TaskRequest]) -> list[list[Output]]:
+    def forward(requests: Sequence[TaskRequest]) -> list[list[Prediction]]:
         calls.append(len(requests))
         if len(calls) == 1:
             return []  # a wrong answer count: those requests fail, the batcher goes on
-        return [[Output("yes", {"no": 0.0, "yes": 1.0}) for _ in r.texts] for r in requests]
+        return [[Prediction("yes", {"no": 0.0, "yes": 1.0}) for _ in r.texts] for r in requests]
 
     async def scenario() -> None:
         batcher = Batcher(forward, max_batch_texts=8, max_wait=0.01, max_queue_texts=4)

@@ -68,7 +68,7 @@ def test_a_corrupt_stored_head_answers_task_unavailable_until_reuploaded(
     registry = catalog.registry
     catalog.upload("victim", _artifact(0).to_bytes())
     catalog.upload("other", _artifact(1).to_bytes())  # evicts the victim's head
-    assert registry.heads.cached(registry.get("victim").digest) is None
+    assert registry.heads.get(registry.get("victim").digest) is None
     corrupt_tensor_byte(tmp_path / "tasks" / "victim")
     caplog.set_level(logging.ERROR)
     for _ in range(3):
