@@ -7,18 +7,17 @@ config, layout, backbone fingerprint and bank fingerprint as metadata) and `mimi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from recast_core.config import RecastConfig
 from recast_core.errors import BankError, ConfigError
+from recast_core.files import write_atomic
 from recast_core.fingerprint import tensors_fingerprint
 
 BANK_FILE = "bank.safetensors"
@@ -95,16 +94,7 @@ class TemplateBank:
             "fingerprint": self.fingerprint,
         }
         target = directory / BANK_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bank-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(target, save(tensors, metadata=metadata))
         return target
 
 
@@ -162,8 +152,7 @@ def load_bank(directory: Path) -> TemplateBank:
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> Path:
+    """Write `mimicry.json` atomically (temp file, fsync, rename) and return its path."""
     target = directory / REPORT_FILE
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_atomic(target, (json.dumps(report, indent=2) + "\n").encode())
     return target

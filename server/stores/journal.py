@@ -40,6 +40,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from recast_core.files import write_temp
 from server.errors import StoreError
 from server.stores.index import LIVE, TOMBSTONE, IndexBuilder, IndexRow, TaskIndex, read_header
 from server.stores.records import (
@@ -50,7 +51,6 @@ from server.stores.records import (
     merge,
     read_records,
     write_file,
-    write_temp,
 )
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from recast_core.files import write_atomic
 from server.stores.index import LIVE, TOMBSTONE, UNREADABLE, IndexBuilder, IndexRow, Summary, TaskIndex
 
 FORGET = 3  # journal only: the task has no directory (any more)
@@ -167,23 +167,9 @@ class Gate:
                 self._cond.notify_all()
 
 
-def write_temp(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
-    """`chunks` written and fsynced to a temp file beside `path` (as recast_core.files.write_atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    os.replace(write_temp(path, chunks), path)
+    """`chunks` as `path`, atomically and durably (the directory entry fsynced too)."""
+    write_atomic(path, chunks)
     fsync_dir(path.parent)
 
 
