@@ -1,11 +1,12 @@
 """Pure tensor ops for composing task weights from templates. Imports nothing from recast_core or server.
 
-`segmented_template_linear` is the contract; `Kernels` binds it to one path chosen at startup; the torch
-references live in `kernels.reference`, the Triton kernels in `kernels.triton_kernels` (imported lazily,
+`kernels.reference.segmented_template_linear` is the contract; `Kernels` binds it to one path chosen at
+startup (each owner holds its own instance, with its own composed-weight cache); the torch references live
+in `kernels.reference`, the Triton kernels in `kernels.triton_kernels` (imported lazily,
 triton is optional on CPU hosts).
 """
 
-from kernels.dispatch import KernelPath, Kernels, KernelUnavailable, segmented_template_linear, select_path
+from kernels.dispatch import KernelPath, Kernels, KernelUnavailable, select_path
 from kernels.reference import compose
 from kernels.segments import Segments, segments_of
 from kernels.weight_cache import ComposedWeightCache
@@ -17,7 +18,6 @@ __all__ = [
     "Kernels",
     "Segments",
     "compose",
-    "segmented_template_linear",
     "segments_of",
     "select_path",
 ]

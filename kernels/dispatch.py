@@ -119,7 +119,8 @@ class Kernels:
         shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """y[t] = (x[t] @ (sum_i coeffs[slot[t], i] * templates[i])^T + bias) * scale[slot[t]]
-        + shift[slot[t]] (see segmented_template_linear; scale and shift (S, out) are optional).
+        + shift[slot[t]] (the contract: kernels.reference.segmented_template_linear; scale and shift (S, out)
+        are optional).
 
         `segments` (the layout of `slot`, shared by every layer of one batch) saves recomputing it;
         `cache_keys[s]` names slot s's composed weight in the cache (immutable inputs only).
@@ -142,27 +143,3 @@ class Kernels:
         return triton_kernels.fused_segmented_linear(
             x, slot, templates, coeffs, bias, config, segments, scale=scale, shift=shift
         )
-
-
-_default: dict[str, Kernels] = {}
-
-
-def segmented_template_linear(
-    x: torch.Tensor,
-    slot: torch.Tensor,
-    templates: torch.Tensor,
-    coeffs: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-row task linear layer through the path chosen for x's device.
-
-    x: (T, in)   slot: (T,) int   templates: (n, out, in)   coeffs: (S, n)   bias: (out,) or None
-        for t in range(T):
-            W = sum_i coeffs[slot[t], i] * templates[i]      # (out, in)
-            y[t] = x[t] @ W^T + bias
-    returns y: (T, out)
-    """
-    key = str(x.device)
-    if key not in _default:
-        _default[key] = Kernels(x.device)
-    return _default[key].linear(x, slot, templates, coeffs, bias)
