@@ -96,7 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     print(line)
     print(
-        f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} trained parameters "
+        f"wrote {args.out} ({size} bytes, {result.artifact.trainable_parameters} per-task parameters "
         f"({summary['capacity']}, {summary['pooling']} pooling), "
         f"{len(result.artifact.labels)} labels)"
     )

@@ -68,7 +68,7 @@ def test_train_inspect_predict(cli_bank: Path, data_dir: Path, tmp_path: Path) -
         "--capacity",
         "ffn_edit",
     )
-    assert "4656 trained parameters (ffn_edit)" in proc.stdout
+    assert "4656 per-task parameters (ffn_edit, mean pooling)" in proc.stdout
     assert "validation accuracy" in proc.stdout and "test accuracy" in proc.stdout
     assert "coefficient learning rate" in proc.stdout and "chosen on validation" in proc.stdout
     info = json.loads(run("inspect", str(task)).stdout)
