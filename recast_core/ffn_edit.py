@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from recast_core.plan import ModulePlan
 
 EDITED_KIND = "ffn_out"
 
-__all__ = ["EDITED_KIND", "FfnEdit", "edit_shape", "edited_modules"]
+__all__ = ["EDITED_KIND", "FfnEdit", "edit_shape"]
 
 
 def edit_shape(layout: dict[str, Any], kind: str = EDITED_KIND) -> tuple[int, int] | None:
@@ -34,30 +33,22 @@ def edit_shape(layout: dict[str, Any], kind: str = EDITED_KIND) -> tuple[int, in
     return len(entry["layers"]), int(entry["weight_shape"][0])
 
 
-def edited_modules(plan: ModulePlan, kind: str = EDITED_KIND) -> list[str]:
-    """Names of the edited modules, one per layer in the plan's order (empty: nothing to edit)."""
-    if edit_shape(plan.describe(), kind) is None:
-        return []
-    return [row[0] for kp in plan.kinds if kp.kind.name == kind for row in kp.modules]
-
-
 class FfnEdit(nn.Module):
     """Trainable (L, H') scale (from 1) and shift (from 0), applied to the outputs of `model`'s `kind`
     modules by forward hooks (a convolution's output channels: broadcast over its feature map)."""
 
     def __init__(self, model: nn.Module, plan: ModulePlan, kind: str = EDITED_KIND) -> None:
         super().__init__()
-        names = edited_modules(plan, kind)
-        shape = edit_shape(plan.describe(), kind)
-        if shape is None or not names:
+        layout = plan.describe()
+        shape = edit_shape(layout, kind)
+        if shape is None:
             raise ValueError(f"the model has no single-member Linear or Conv2d kind {kind!r} to edit")
+        names = [row[0] for row in layout[kind]["modules"]]
         self.scale = nn.Parameter(torch.ones(shape))
         self.shift = nn.Parameter(torch.zeros(shape))
-        conv = plan.describe()[kind]["module_type"] == "conv2d"
-        self._handles: list[RemovableHandle] = [
+        conv = layout[kind]["module_type"] == "conv2d"
+        for layer, name in enumerate(names):
             model.get_submodule(name).register_forward_hook(self._hook(layer, channel_first=conv))
-            for layer, name in enumerate(names)
-        ]
 
     def _hook(self, layer: int, channel_first: bool) -> Any:
         def apply(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -76,8 +67,3 @@ class FfnEdit(nn.Module):
     def values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached float32 copies of (scale, shift)."""
         return self.scale.detach().float().clone(), self.shift.detach().float().clone()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
