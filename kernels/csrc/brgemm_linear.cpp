@@ -83,23 +83,27 @@ RECAST_CLONES void compose_bf16_portable(const uint16_t* t, int64_t stride, cons
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RECAST_HAS_BF16_PATH 1
+// 16 bf16 values widened to float32. A named function, not a lambda: GCC gives a lambda no target
+// attribute of its enclosing function, so a build whose target lacks AVX-512 (-mavx2, or -march=native
+// on an AVX2 CPU) would fail to inline these intrinsics.
+__attribute__((target("avx512f"), always_inline)) inline __m512 widen_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // The same compose with AVX512-BF16's two-vector round-to-nearest-even conversion (VCVTNE2PS2BF16):
 // 32 elements per step; the tail goes through the portable loop.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void compose_bf16_avx512(
     const uint16_t* t, int64_t stride, const float* c, int64_t n, int64_t len, uint16_t* out) {
-  const auto widen = [](const uint16_t* p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  };
   const int64_t body = len / 32 * 32;
   for (int64_t e = 0; e < body; e += 32) {
     const __m512 c0 = _mm512_set1_ps(c[0]);
-    __m512 lo = _mm512_mul_ps(c0, widen(t + e)), hi = _mm512_mul_ps(c0, widen(t + e + 16));
+    __m512 lo = _mm512_mul_ps(c0, widen_bf16(t + e)), hi = _mm512_mul_ps(c0, widen_bf16(t + e + 16));
     for (int64_t i = 1; i < n; ++i) {
       const __m512 ci = _mm512_set1_ps(c[i]);
       const uint16_t* ti = t + i * stride + e;
-      lo = _mm512_fmadd_ps(ci, widen(ti), lo);
-      hi = _mm512_fmadd_ps(ci, widen(ti + 16), hi);
+      lo = _mm512_fmadd_ps(ci, widen_bf16(ti), lo);
+      hi = _mm512_fmadd_ps(ci, widen_bf16(ti + 16), hi);
     }
     _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + e), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
