@@ -8,7 +8,7 @@ Usage:
 All methods run in one process, interleaved round by round (the machine is noisy), in one dtype. Two
 kinds of batch: `--batches` of sequences of 64 tokens, and `--natural` batches of real texts (the test
 splits of the bundled tasks, mixed) padded to the batch's longest, as the server pads. Ratios are
-sequences/s relative to the plain backbone measured in the same rounds:
+sequences/s relative to the plain backbone, paired round by round (the median of the per-round ratios):
     plain       the original MiniLM (one weight for everybody)
     hetero      this project's path, every sequence a different task (MultiTaskEncoder)
     hetero_edit the same with each task's per-channel scale and shift of every FFN output (RED) on
@@ -145,8 +145,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(forwards: dict[str, Forward], rounds: int, device: torch.device, desc: str) -> dict[str, float]:
-    """Median seconds per forward of each method, interleaved round by round after one warm-up each."""
+def measure_rounds(
+    forwards: dict[str, Forward], rounds: int, device: torch.device, desc: str
+) -> dict[str, list[float]]:
+    """Seconds per forward of each method in every round, interleaved round by round after one warm-up
+    each (every method runs once per round, back to back)."""
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         for fn in forwards.values():
@@ -158,7 +161,26 @@ def measure(forwards: dict[str, Forward], rounds: int, device: torch.device, des
                 fn()
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure(forwards: dict[str, Forward], rounds: int, device: torch.device, desc: str) -> dict[str, float]:
+    """Median seconds per forward of each method, interleaved round by round after one warm-up each."""
+    times = measure_rounds(forwards, rounds, device, desc)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_ratios(times: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
+    """Each method's throughput relative to `base`, the median over rounds of the ratio within a round.
+
+    A method and the base run seconds apart in the same round, so a slow spell of a shared machine (which
+    lasts longer than a round's few forwards) moves both; the ratio of two medians taken over different
+    rounds does not cancel it."""
+    return {
+        name: statistics.median(b / t for b, t in zip(times[base], values, strict=True))
+        for name, values in times.items()
+        if name != base
+    }
 
 
 def compose_seconds(bank: TemplateBank, tasks: int, device: torch.device) -> float:
@@ -194,8 +216,8 @@ def run(
         forwards = methods(backbone, bank, tokens, device, kernels, dtype)
         before = set(kernels.variant_choices().items())
         label = f"{batch} natural" if is_natural else f"batch {batch}"
-        seconds = measure(forwards, rounds, device, label)
-        plain = seconds["plain"]
+        times = measure_rounds(forwards, rounds, device, label)
+        plain = statistics.median(times["plain"])
         row: dict[str, Any] = {
             "batch": batch,
             "natural": is_natural,
@@ -207,9 +229,8 @@ def run(
             "variants": sorted({v for k, v in set(kernels.variant_choices().items()) - before}),
             "plain_seq_per_s": round(batch / plain, 1),
         }
-        for name, value in seconds.items():
-            if name != "plain":
-                row[f"{name}_vs_plain"] = round(plain / value, 3)
+        for name, ratio in paired_ratios(times).items():
+            row[f"{name}_vs_plain"] = round(ratio, 3)
         row["compose_ms_all_tasks"] = round(1e3 * compose_seconds(bank, batch, device), 2)
         row["compose_ms_one_task"] = round(1e3 * compose_seconds(bank, 1, device), 3)
         rows.append(row)
@@ -279,7 +300,8 @@ def main() -> None:
         "every sequence of the "
         f"hetero, PEFT mixed and naive batches a different task, median of {args.rounds} interleaved "
         "rounds). "
-        "Ratios are throughput relative to the plain backbone in the same rounds.\n\n" + table(rows)
+        "Ratios are throughput relative to the plain backbone: the median over rounds of the ratio "
+        "within each round.\n\n" + table(rows)
     )
     print(body)
     if args.write:

@@ -12,11 +12,14 @@ A device that cannot be used is a DeviceError naming it, never a silent fall bac
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kernels import cpu_features
 from recast_core.errors import RecastError
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,6 +64,14 @@ def resolve_dtype(spec: str, device: torch.device, kernel_path: str = "torch") -
         raise DeviceError(f"dtype bfloat16: {device} ({name}) has no native bfloat16; use float16")
     if device.type == "cpu" and dtype is torch.float16:
         raise DeviceError("dtype float16 on the CPU: not a serving dtype there; use float32 or bfloat16")
+    if device.type == "cpu" and dtype is torch.bfloat16 and not cpu_features.bf16_native():
+        # Served as asked, but said: measured on an AVX2-only EPYC (docs/benchmarks.md), the plain
+        # backbone ran 6.5x slower in bfloat16 than in float32.
+        log.warning(
+            "dtype bfloat16 on a CPU without AVX512-BF16 or AMX: emulated, several times slower than "
+            "float32 here (RECAST_DTYPE=auto picks float32 on this CPU)",
+            extra={"cpu_flags": cpu_features.describe()},
+        )
     return dtype
 
 

@@ -134,3 +134,14 @@ def test_the_server_benchmark_drives_the_server_with_wrk(bank_dir: Path, tmp_pat
     assert result["uploads"]["servable_on_next_request"] == 5 and result["dtype"] == "float32"
     section = doc.read_text()
     assert "<!-- server:begin -->" in section and "| 4 | 20 |" in section and "wrk" in section
+
+
+def test_kernel_ratios_pair_each_method_with_the_base_of_its_own_round() -> None:
+    from benchmarks.kernels import paired_ratios
+
+    # A slow spell (3x) covers rounds 2 and 3 of plain but only round 2 of the method: the ratio of the
+    # two medians would say 2.7 x plain; within most rounds the method is 0.9 x plain.
+    times = {"plain": [1.0, 3.0, 3.0], "hetero": [1.0 / 0.9, 3.0 / 0.9, 1.0 / 0.9]}
+    assert paired_ratios(times) == pytest.approx({"hetero": 0.9})
+    with pytest.raises(ValueError):  # every method has a time in every round
+        paired_ratios({"plain": [1.0, 2.0], "hetero": [1.0]})

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from kernels import cpu_features
 from recast_core.device import DeviceError, resolve_device, resolve_dtype
-from server.predictor import MIN_GROUP, length_groups
+from server.serving.predictor import MIN_GROUP, length_groups
 from server.settings import Settings
 
 
@@ -23,7 +23,9 @@ def test_settings_refuse_unknown_devices_and_dtypes() -> None:
     assert Settings(device=" CUDA:1 ", dtype="BFloat16").device == "cuda:1"
 
 
-def test_auto_resolves_to_what_the_machine_has(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_resolves_to_what_the_machine_has(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     device = resolve_device("auto")
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = torch.device("cpu")
@@ -36,7 +38,15 @@ def test_auto_resolves_to_what_the_machine_has(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(cpu_features, "flags_line", lambda: "avx2 amx_tile amx_bf16")
     assert resolve_dtype("auto", cpu) is torch.bfloat16
     assert resolve_dtype("float32", cpu) is torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    with caplog.at_level("WARNING", logger="recast_core.device"):
+        assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+        assert not caplog.records  # native bf16: served without a word
+        monkeypatch.setattr(cpu_features, "flags_line", lambda: "fpu avx2 fma avx512f")
+        assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16  # as asked, but said
+        assert [r.message for r in caplog.records] == [
+            "dtype bfloat16 on a CPU without AVX512-BF16 or AMX: emulated, several times slower than "
+            "float32 here (RECAST_DTYPE=auto picks float32 on this CPU)"
+        ]
     with pytest.raises(DeviceError, match="float16 on the CPU"):
         resolve_dtype("float16", torch.device("cpu"))
 
@@ -69,7 +79,7 @@ def test_length_groups_cut_where_padding_is_saved() -> None:
 
 
 def test_heads_are_kept_in_the_serving_dtype_on_the_serving_device() -> None:
-    from server.heads import Head, HeadCache
+    from server.tasks.heads import Head, HeadCache
 
     cache = HeadCache(1 << 20, device="cpu", dtype=torch.bfloat16)
     cache.put("digest", Head(torch.randn(3, 8), torch.randn(3), (torch.ones(2, 8), torch.zeros(2, 8))))
@@ -84,10 +94,10 @@ def test_a_bfloat16_predictor_on_the_cpu_agrees_with_float32(backbone: object, d
     from server_harness import task_artifact
 
     from kernels import Kernels
-    from server.heads import Head
-    from server.predictor import Predictor, TaskRequest
-    from server.registry import TaskEntry
+    from server.serving.predictor import Predictor, TaskRequest
     from server.stores.base import StoredTask
+    from server.tasks.heads import Head
+    from server.tasks.registry import TaskEntry
 
     artifact = task_artifact(default_bank, 3, labels=("a", "b", "c"))  # type: ignore[arg-type]
     entry = TaskEntry.of(StoredTask("t", 1, artifact.to_bytes(), "now"), artifact, "t")
