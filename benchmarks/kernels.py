@@ -98,6 +98,9 @@ def _peft(backbone: TextBackbone, adapters: int, device: torch.device) -> nn.Mod
     return model.to(device).eval()
 
 
+METHODS = ("plain", "hetero", "hetero_edit", "homo", "peft_mixed", "peft_single", "naive")
+
+
 def methods(
     backbone: TextBackbone,
     bank: TemplateBank,
@@ -205,7 +208,9 @@ def run(
     device: torch.device,
     natural: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per batch; `only` keeps these methods (plain always runs: it is the base of every ratio)."""
     backbone = load_text_backbone()
     bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
     kernels = Kernels(device)
@@ -214,6 +219,8 @@ def run(
     for batch, is_natural in shapes:
         tokens = (_natural_tokens if is_natural else _tokens)(backbone, batch, device)
         forwards = methods(backbone, bank, tokens, device, kernels, dtype)
+        if only:
+            forwards = {name: fn for name, fn in forwards.items() if name == "plain" or name in only}
         before = set(kernels.variant_choices().items())
         label = f"{batch} natural" if is_natural else f"batch {batch}"
         times = measure_rounds(forwards, rounds, device, label)
@@ -249,11 +256,18 @@ def table(rows: list[dict[str, Any]]) -> str:
             if r.get("natural")
             else f"{r['batch']} x {r['tokens']}"
         )
+
+        def ratio(name: str, r: dict[str, Any] = r) -> str:
+            value = r.get(f"{name}_vs_plain")
+            return "-" if value is None else f"{value:.3f}"
+
+        edit = ratio("hetero_edit")
+        if "hetero_edit_vs_plain" in r and "hetero_vs_plain" in r:
+            edit += f" ({r['hetero_edit_vs_plain'] / r['hetero_vs_plain']:.3f})"
         lines.append(
-            f"| {shape} | {r['plain_seq_per_s']} | {r['hetero_vs_plain']:.3f} "
-            f"| {r['hetero_edit_vs_plain']:.3f} ({r['hetero_edit_vs_plain'] / r['hetero_vs_plain']:.3f}) "
-            f"| {r['homo_vs_plain']:.3f} | {r['peft_mixed_vs_plain']:.3f} | {r['peft_single_vs_plain']:.3f} "
-            f"| {r['naive_vs_plain']:.3f} | {r['compose_ms_all_tasks']} / {r['compose_ms_one_task']} "
+            f"| {shape} | {r['plain_seq_per_s']} | {ratio('hetero')} | {edit} | {ratio('homo')} "
+            f"| {ratio('peft_mixed')} | {ratio('peft_single')} | {ratio('naive')} "
+            f"| {r['compose_ms_all_tasks']} / {r['compose_ms_one_task']} "
             f"| {', '.join(r.get('variants', [])) or '-'} |"
         )
     return "\n".join(lines)
@@ -269,6 +283,9 @@ def main() -> None:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS[1:], help="run only these beside plain (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -280,8 +297,10 @@ def main() -> None:
     device = torch.device(args.device)
     if not args.batches and not args.natural:
         parser.error("give at least one of --batches and --natural")
+    if args.methods and args.write:
+        parser.error("--methods runs part of the table: it is printed, not written over the record")
     dtype = DTYPES[args.dtype]
-    rows = run(args.batches, args.rounds, device, args.natural, dtype)
+    rows = run(args.batches, args.rounds, device, args.natural, dtype, args.methods)
     command = " ".join(
         [
             "python -m benchmarks.kernels",
@@ -289,6 +308,7 @@ def main() -> None:
             f"--rounds {args.rounds}",
             " ".join(["--batches", *map(str, args.batches)]),
             " ".join(["--natural", *map(str, args.natural)]),
+            *([" ".join(["--methods", *args.methods])] if args.methods else []),
         ]
     )
     where = cpu_features.describe() if device.type == "cpu" else torch.cuda.get_device_name(device)
