@@ -145,3 +145,26 @@ def test_kernel_ratios_pair_each_method_with_the_base_of_its_own_round() -> None
     assert paired_ratios(times) == pytest.approx({"hetero": 0.9})
     with pytest.raises(ValueError):  # every method has a time in every round
         paired_ratios({"plain": [1.0, 2.0], "hetero": [1.0]})
+
+
+def test_the_kernel_benchmark_runs_a_part_of_its_table(tmp_path: Path) -> None:
+    """A tiny run of `benchmarks.kernels` with a subset of methods: every kind of batch, the CPU named,
+    the variants reported, the missing columns shown as such; a subset is never written over a record."""
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--batches", "2", "--natural", "3", "--rounds", "1"]
+    cmd += ["--methods", "hetero", "homo", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["batch"], r["natural"]) for r in rows] == [(2, False), (3, True)]
+    for row in rows:
+        assert row["hetero_vs_plain"] > 0 and row["homo_vs_plain"] > 0 and "peft_mixed_vs_plain" not in row
+        assert row["variants"], row  # the variant the dispatcher picked for the mixed batch
+    assert "| 2 x 64 |" in done.stdout and "| - | - | - |" in done.stdout
+    from kernels import cpu_features
+
+    assert cpu_features.describe() in done.stdout
+    refused = subprocess.run(
+        [*cmd[:-1], "--write", str(tmp_path / "b.md")], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "not written over the record" in refused.stderr
+    assert not (tmp_path / "b.md").exists()
