@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RECAST := $(VENV)/bin/recast
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 CACHE := .cache
 BANK := $(CACHE)/banks/minilm-default
@@ -12,17 +13,25 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system-deps run test lint bank demo clean
+.PHONY: install install-run system-deps-run system-deps-test run test lint bank demo clean
 
-$(STAMP): pyproject.toml tools/install.py
+# What serving needs (`make run`): the project and its pinned dependencies, no test or benchmark tools.
+$(RUN_STAMP): pyproject.toml tools/install.py
 	$(PYTHON) -m venv $(VENV)
+	$(PY) tools/install.py
+	touch $@
+
+# Everything (`make test`, benchmarks): serving's set plus the dev, bench and triton extras.
+$(STAMP): $(RUN_STAMP)
 	$(PY) tools/install.py dev bench triton
 	touch $@
+
+install-run: $(RUN_STAMP)
 
 install: $(STAMP)
 
 # The default template bank, built once and cached.
-$(BANK)/bank.safetensors: | $(STAMP)
+$(BANK)/bank.safetensors: | $(RUN_STAMP)
 	$(RECAST) mimic --out $(BANK)
 
 bank: $(BANK)/bank.safetensors
@@ -36,7 +45,7 @@ $(DEMO)/%.safetensors: | $(BANK)/bank.safetensors
 demo: $(DEMO)/trec.safetensors $(DEMO)/sms_spam.safetensors
 
 # Main job: the server on the default backbone at 127.0.0.1:8000, with the demo tasks loaded.
-run: system-deps $(BANK)/bank.safetensors demo
+run: system-deps-run $(BANK)/bank.safetensors demo
 	@echo
 	@echo "Starting the server on http://127.0.0.1:8000 (web console: http://127.0.0.1:8000/console, API docs:"
 	@echo "http://127.0.0.1:8000/docs). Once the log"
@@ -59,10 +68,13 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-system-deps:
-	bash tools/system-deps.sh
+system-deps-run:
+	bash tools/system-deps.sh run
 
-test: lint system-deps
+system-deps-test:
+	bash tools/system-deps.sh test
+
+test: lint system-deps-test
 	$(PY) -m pytest
 
 clean:
