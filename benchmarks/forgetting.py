@@ -3,9 +3,9 @@
 Usage: python -m benchmarks.forgetting [--max-train N] [--epochs E] [--write docs/results.md] [--json]
 
 The text tasks are trained one after another against the same resident bank and registered in one
-`server.registry.TaskRegistry`; after each registration every earlier task's logits on its own test texts
-(through the server's `Predictor`, the same routing as when first recorded) and its stored bytes are
-compared bit for bit with what they were right after that task was trained.
+`server.tasks.registry.TaskRegistry`; after each registration every earlier task's logits on its own test
+texts (through the server's `Predictor`, the same routing as when first recorded) and its stored bytes
+are compared bit for bit with what they were right after that task was trained.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from recast_core.datasets import load_splits
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from recast_core.training import TrainOptions, train_task
-from server.catalog import TaskCatalog
-from server.predictor import Predictor, TaskRequest
-from server.registry import TaskRegistry
+from server.serving.predictor import Predictor, TaskRequest
 from server.stores.directory import DirectoryStore
+from server.tasks.catalog import TaskCatalog
+from server.tasks.registry import TaskRegistry
 
 TASKS = ("trec", "sms_spam", "movie_reviews", "tweet_sentiment")
 

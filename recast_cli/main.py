@@ -241,7 +241,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         overrides["preload"] = ",".join(args.preload)
     from kernels.dispatch import KernelUnavailable
     from recast_core.device import DeviceError
-    from server.keys import KeysFileError
+    from server.auth.keys import KeysFileError
     from server.runtime import serving_device
 
     try:
@@ -255,7 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"bad setting: {problems}") from None
     except KeysFileError as exc:
         raise UsageError(str(exc)) from None
-    from server.http_protocol import server_config
+    from server.api.http_protocol import server_config
 
     server = uvicorn.Server(server_config(app, settings))
     server.run()
@@ -264,7 +264,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
-    from server.keys import KeysFileError, create_key, read_keys_file, revoke_key
+    from server.auth.keys import KeysFileError, create_key, read_keys_file, revoke_key
 
     path: Path = args.file
     try:

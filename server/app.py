@@ -19,9 +19,10 @@ from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from server.auth import Authenticator
-from server.batcher import Batcher
-from server.console_routes import install as install_console
+from server.api.middleware import BodyLimit, RequestContext, server_error_in
+from server.api.openapi import install as install_openapi
+from server.api.routes import jobs, ops, predict, tasks
+from server.api.routes.console import install as install_console
 from server.errors import (
     BadInput,
     Forbidden,
@@ -33,39 +34,13 @@ from server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from server.job_routes import router as job_router
-from server.keys import KeyRing
-from server.limits import BodyLimit
 from server.metrics import Metrics
-from server.openapi import install as install_openapi
-from server.ratelimit import RateLimiter
-from server.request_middleware import RequestContext, server_error_in
-from server.routes import router
-from server.runtime import Runtime, start_runtime
+from server.runtime import start_runtime
+from server.serving.batcher import Batcher
 from server.settings import Settings
+from server.state import AppState
 
 log = logging.getLogger("server.app")
-
-
-class AppState:
-    """What the routes need; `runtime` and `batcher` exist between start-up and shutdown only."""
-
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings, self.metrics = settings, metrics
-        self.auth = Authenticator(
-            KeyRing(settings.keys, settings.keys_file),
-            RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
-            settings.predict_requires_key,
-            (settings.anonymous_rate_limit_per_s, settings.anonymous_rate_limit_burst),
-        )
-        self.runtime: Runtime | None = None
-        self.batcher: Batcher | None = None
-        self.ready = False
-
-    def require(self) -> tuple[Runtime, Batcher]:
-        if not self.ready or self.runtime is None or self.batcher is None or not self.batcher.healthy:
-            raise NotReady("the server is starting or stopping", retry_after=2)
-        return self.runtime, self.batcher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -111,8 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.recast = state
     app.router.redirect_slashes = False  # a redirect would echo the Host header; /v1/tasks/ is a typed 404
-    app.include_router(router)
-    app.include_router(job_router)
+    for routes in (tasks, predict, ops, jobs):
+        app.include_router(routes.router)
     install_console(app)
     install_openapi(app, settings.max_inputs, settings.max_input_chars)
     _install_error_handlers(app)

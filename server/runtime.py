@@ -24,16 +24,16 @@ from recast_core.device import DeviceError, dtype_name, resolve_device, resolve_
 from recast_core.errors import BankError
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
-from server.catalog import TaskCatalog
 from server.errors import VersionConflict
-from server.heads import HeadCache
-from server.jobs import JobManager
 from server.metrics import Metrics
-from server.predictor import Predictor
-from server.registry import TaskRegistry
+from server.serving.predictor import Predictor
 from server.settings import Settings
 from server.stores import TaskStore, open_store
 from server.stores.jobs import JobStore, open_job_store
+from server.tasks.catalog import TaskCatalog
+from server.tasks.heads import HeadCache
+from server.tasks.registry import TaskRegistry
+from server.training.manager import JobManager
 
 log = logging.getLogger(__name__)
 

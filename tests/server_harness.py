@@ -16,7 +16,7 @@ import uvicorn
 from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from server import create_app
-from server.http_protocol import server_config
+from server.api.http_protocol import server_config
 from server.settings import Settings
 
 

@@ -23,7 +23,7 @@ from server_harness import free_port, task_artifact
 
 from benchmarks.server import rss_mib, server_process
 from recast_core.bank import TemplateBank
-from server.keys import create_key
+from server.auth.keys import create_key
 
 OCTET = {"Content-Type": "application/octet-stream"}
 SURROGATE_BODY = b'{"inputs": ["\\ud800"]}'  # valid JSON, not text

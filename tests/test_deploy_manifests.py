@@ -21,7 +21,7 @@ import promql_parser
 import pytest
 from deploy_files import ROOT, render, run_tool, setting_env_names
 
-from server.routes import router
+from server.api.routes.ops import router
 
 OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSION = "1.37.0"

@@ -29,7 +29,7 @@ from deploy_files import (
 )
 
 from recast_cli.main import build_parser
-from server.routes import router
+from server.api.routes.ops import router
 
 DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
 COMPOSE = ROOT / "docker" / "compose.yaml"

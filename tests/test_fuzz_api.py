@@ -31,7 +31,7 @@ from recast_core.artifact import TaskArtifact
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.task_model import TextTaskModel
-from server.openapi import error_types
+from server.api.openapi import error_types
 from server.settings import Settings
 
 KEY = "fuzz-admin-key"

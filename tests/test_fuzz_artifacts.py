@@ -32,7 +32,7 @@ from server_harness import serving, task_artifact
 from recast_core.artifact import CHECKSUM_KEY, ArtifactSpec, TaskArtifact, read_artifact
 from recast_core.bank import TemplateBank
 from recast_core.errors import ArtifactCorrupt, ArtifactError, ArtifactMetadataError
-from server.openapi import error_types
+from server.api.openapi import error_types
 from server.settings import Settings
 
 OCTET = {"Content-Type": "application/octet-stream"}

@@ -10,7 +10,7 @@ from kernels import Kernels
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.multitask import SlotLinear
-from server.predictor import Predictor
+from server.serving.predictor import Predictor
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,13 +15,14 @@ from server_harness import serving, training_settings
 from recast_cli.main import main as recast
 from recast_core.datasets import Splits, load_splits
 from recast_core.train_options import LR_GRID
-from server.catalog import TaskCatalog
 from server.errors import UnknownJob
-from server.jobs import Job, JobManager
-from server.registry import TaskRegistry
 from server.settings import Settings
 from server.stores.directory import DirectoryStore
 from server.stores.jobs import DirectoryJobStore
+from server.tasks.catalog import TaskCatalog
+from server.tasks.registry import TaskRegistry
+from server.training.manager import JobManager
+from server.training.records import Job
 
 KEY = "jobs-admin"
 ADMIN = {"Authorization": f"Bearer {KEY}"}

@@ -15,10 +15,10 @@ from kernels import Kernels
 from recast_core.artifact import TaskArtifact
 from recast_core.backbone import TextBackbone
 from recast_core.bank import TemplateBank
-from server.heads import Head
-from server.predictor import Predictor, TaskRequest
-from server.registry import TaskEntry
+from server.serving.predictor import Predictor, TaskRequest
 from server.stores.base import StoredTask
+from server.tasks.heads import Head
+from server.tasks.registry import TaskEntry
 
 OCTET = {"Content-Type": "application/octet-stream"}
 TEXTS = {

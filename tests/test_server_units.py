@@ -14,14 +14,14 @@ from tiny_tasks import TINY_SPEC, tiny_artifact
 
 from recast_core.artifact import TaskArtifact
 from recast_core.task_model import Prediction
-from server.batcher import Batcher
-from server.catalog import TaskCatalog
 from server.errors import NotReady, Overloaded, ServerError
-from server.predictor import TaskRequest
-from server.registry import TaskRegistry
 from server.runtime import _preload
+from server.serving.batcher import Batcher
+from server.serving.predictor import TaskRequest
 from server.settings import Settings
 from server.stores.directory import DirectoryStore
+from server.tasks.catalog import TaskCatalog
+from server.tasks.registry import TaskRegistry
 
 SPEC = TINY_SPEC
 
@@ -91,8 +91,8 @@ def test_a_failed_start_stops_every_thread_it_started(
     bank_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from server.metrics import Metrics
-    from server.predictor import Predictor
     from server.runtime import start_runtime
+    from server.serving.predictor import Predictor
 
     def broken_warm_up(self: Predictor) -> None:
         raise RuntimeError("warm-up failed")
@@ -125,8 +125,8 @@ def test_request_middleware_ids_metrics_and_typed_500(caplog: pytest.LogCaptureF
     import httpx
     from starlette.types import Receive, Scope, Send
 
+    from server.api.middleware import RequestContext
     from server.metrics import Metrics
-    from server.request_middleware import RequestContext
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == "/bug":

@@ -14,10 +14,10 @@ from recast_core.artifact import TaskArtifact, read_artifact, serialize
 from recast_core.backbone import TextBackbone, sample_sentences
 from recast_core.bank import TemplateBank
 from recast_core.task_model import TextTaskModel, artifact_spec
-from server.heads import Head
-from server.predictor import Predictor, TaskRequest
-from server.registry import TaskEntry
+from server.serving.predictor import Predictor, TaskRequest
 from server.stores.base import StoredTask
+from server.tasks.heads import Head
+from server.tasks.registry import TaskEntry
 
 MAX_LENGTH = 32
 

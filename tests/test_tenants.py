@@ -14,11 +14,11 @@ from server_harness import serving, task_artifact
 
 from recast_cli.main import main as recast
 from recast_core.bank import TemplateBank
+from server.auth.keys import KeyRing, KeysFileError, create_key, hash_key, read_keys_file
+from server.auth.ratelimit import RateLimiter
 from server.errors import InvalidTaskId, RateLimited
-from server.keys import KeyRing, KeysFileError, create_key, hash_key, read_keys_file
-from server.ratelimit import RateLimiter
+from server.ids import check_stored_id, qualify, split_stored_id
 from server.settings import Settings
-from server.task_ids import check_stored_id, qualify, split_stored_id
 
 ENV_KEY = "env-admin-secret"
 OCTETS = {"Content-Type": "application/octet-stream"}

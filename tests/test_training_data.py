@@ -1,4 +1,4 @@
-"""Training requests as the API parses them (server/training_data.py): strict JSON, CSV headers, bounds."""
+"""Training requests as the API parses them (server/training/data.py): strict JSON, CSV headers, bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from server.errors import BadInput
-from server.training_data import TrainingOptions, from_csv, from_json, parse_options
+from server.training.data import TrainingOptions, from_csv, from_json, parse_options
 
 EXAMPLES = [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
 

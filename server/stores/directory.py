@@ -26,12 +26,12 @@ from pathlib import Path
 
 from recast_core.files import write_atomic
 from server.errors import StoreError, UnknownTask, VersionConflict
+from server.ids import check_stored_id, is_stored_id, split_stored_id
 from server.stores import index as task_index
 from server.stores.base import StoredTask, TaskStore
 from server.stores.index import IndexRow, Summary, TaskIndex, row_of
 from server.stores.journal import StoreIndex
 from server.stores.records import fsync_dir
-from server.task_ids import check_stored_id, is_stored_id, split_stored_id
 
 log = logging.getLogger(__name__)
 LIVE, TOMBSTONE = ".safetensors", ".deleted"

@@ -26,6 +26,7 @@ import numpy as np
 
 from recast_core.artifact import TaskArtifact, read_artifact
 from recast_core.errors import ArtifactError
+from server.stores.columns import Strings, gather, raw_bytes
 
 LIVE, TOMBSTONE, UNREADABLE = 0, 1, 2
 FORMAT = 1
@@ -83,40 +84,6 @@ def row_of(task_id: str, version: int, updated: str, data: bytes | None) -> Inde
         return IndexRow(
             task_id, version, updated, UNREADABLE, digest=digest, size=len(data), reason=exc.error_type
         )
-
-
-@dataclass(frozen=True, eq=False)
-class Strings:
-    """n strings: one UTF-8 blob and n + 1 offsets into it."""
-
-    blob: bytes
-    offsets: np.ndarray  # (n + 1,) int64
-
-    @classmethod
-    def of(cls, items: Sequence[bytes]) -> Strings:
-        offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, items), dtype=np.int64, count=len(items)), out=offsets[1:])
-        return cls(b"".join(items), offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1])].decode()
-
-    def take(self, rows: np.ndarray) -> Strings:
-        starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
-        blob = self.blob
-        return Strings.of([blob[s:e] for s, e in zip(starts, ends, strict=True)])
-
-    @staticmethod
-    def concat(parts: Sequence[Strings]) -> Strings:
-        offsets = [np.zeros(1, dtype=np.int64)]
-        base = 0
-        for part in parts:
-            offsets.append(part.offsets[1:] + base)
-            base += int(part.offsets[-1])
-        return Strings(b"".join(p.blob for p in parts), np.concatenate(offsets))
 
 
 # (name, dtype, trailing shape) of the array columns, in file order
@@ -201,7 +168,7 @@ class TaskIndex:
         return TaskIndex(
             ids=[self.ids[i] for i in rows.tolist()],
             coefficient_offsets=offsets,
-            coefficients=_gather(self.coefficients, starts, ends),
+            coefficients=gather(self.coefficients, starts, ends),
             fingerprints=self.fingerprints,
             **columns,
         )
@@ -240,12 +207,12 @@ class TaskIndex:
     def to_chunks(self, generation: int) -> list[bytes | memoryview]:
         """The serialized index (header first), as chunks to write in order."""
         sections: list[tuple[str, bytes | memoryview]] = [("ids", "\n".join(self.ids).encode())]
-        sections += [(name, _raw(getattr(self, name), dtype)) for name, dtype, _ in _ARRAYS]
-        sections += [("coefficient_offsets", _raw(self.coefficient_offsets, "<i8"))]
-        sections += [("coefficients", _raw(self.coefficients, "<f4"))]
+        sections += [(name, raw_bytes(getattr(self, name), dtype)) for name, dtype, _ in _ARRAYS]
+        sections += [("coefficient_offsets", raw_bytes(self.coefficient_offsets, "<i8"))]
+        sections += [("coefficients", raw_bytes(self.coefficients, "<f4"))]
         for name in _STRINGS:
             column: Strings = getattr(self, name)
-            sections += [(f"{name}.blob", column.blob), (f"{name}.offsets", _raw(column.offsets, "<i8"))]
+            sections += [(f"{name}.blob", column.blob), (f"{name}.offsets", raw_bytes(column.offsets, "<i8"))]
         body: list[bytes | memoryview] = []
         layout, offset, digest = {}, 0, hashlib.sha256()
         for name, data in sections:
@@ -305,25 +272,6 @@ class TaskIndex:
             **columns,
         )
         return index, int(header["generation"])
-
-
-def _raw(values: np.ndarray, dtype: str) -> memoryview:
-    """The bytes of `values` as `dtype`, C order (no copy when they already are)."""
-    return np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(np.uint8).data
-
-
-def _gather(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, block: int = 16384) -> np.ndarray:
-    """values[starts[0]:ends[0]] + values[starts[1]:ends[1]] + ..., in blocks of rows (bounded memory)."""
-    lengths = ends - starts
-    out = np.empty(int(lengths.sum()), dtype=values.dtype)
-    done = 0
-    for b in range(0, len(starts), block):
-        s, n = starts[b : b + block], lengths[b : b + block]
-        total = int(n.sum())
-        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # position inside its row
-        out[done : done + total] = values[np.repeat(s, n) + within]
-        done += total
-    return out
 
 
 def read_header(buf: bytes) -> tuple[dict[str, Any], int]:

@@ -1,7 +1,7 @@
 """Where training jobs are recorded: next to the tasks, so every replica (and a restarted server) sees them.
 
-A job record is a small JSON object (server/jobs.py `Job`), addressed by tenant and job id. Writes are
-never last-writer-wins:
+A job record is a small JSON object (server/training/records.py `Job`), addressed by tenant and job id.
+Writes are never last-writer-wins:
 - `create` inserts a job's first record, at revision 1.
 - `replace(record, revision)` is a compare-and-set: it writes only while the stored record is still at
   `revision` and unfinished, and returns the record as stored (revision + 1); None when another write came
@@ -37,7 +37,7 @@ from typing import Any
 
 from recast_core.files import write_atomic
 from server.errors import StoreError
-from server.task_ids import TENANT
+from server.ids import TENANT
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from psycopg import sql
 
+from server.ids import is_stored_id
 from server.stores.index import LIVE, TOMBSTONE, UNREADABLE, IndexRow, Summary, row_of
-from server.task_ids import is_stored_id
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,7 @@ StoreError whose message never contains the password.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,10 +50,11 @@ from psycopg import sql
 from tqdm import tqdm
 
 from server.errors import StoreError, UnknownTask, VersionConflict
-from server.stores import pg_index
+from server.ids import check_stored_id, split_stored_id
+from server.stores import pg_index, pg_notify
 from server.stores.base import Change, StoredTask, TaskStore
 from server.stores.index import IndexBuilder, IndexRow, Summary, TaskIndex
-from server.task_ids import check_stored_id, split_stored_id
+from server.stores.pg_dsn import passwords, redact_dsn
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class PostgresStore(TaskStore):
     ) -> None:
         self._dsn = dsn
         self.safe_dsn = redact_dsn(dsn)
-        self._secrets = _passwords(dsn)
+        self._secrets = passwords(dsn)
         self.table, self.channel = table, channel
         self._connect_timeout = connect_timeout
         name = sql.Identifier(table)
@@ -338,8 +337,7 @@ class PostgresStore(TaskStore):
         return 0 if row is None or row[1] is None else int(row[0])
 
     def _notify(self, conn: Connection, task_id: str, version: int, *, deleted: bool) -> None:
-        payload = json.dumps({"task_id": task_id, "version": version, "deleted": deleted})
-        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, pg_notify.payload(task_id, version, deleted)))
 
     def _error(self, what: str, exc: BaseException) -> StoreError:
         message = f"PostgreSQL store {self.safe_dsn}: {what}: {self._describe(exc)}"
@@ -385,7 +383,7 @@ class PostgresStore(TaskStore):
                             resync_delay = min(2 * resync_delay, RESYNC_BACKOFF_MAX) if missed else POLL
                         self._caught_up = not missed
                         for notify in conn.notifies(timeout=POLL):
-                            change = _parse(notify.payload)
+                            change = pg_notify.parse(notify.payload)
                             if change is not None and not _call(on_change, change):
                                 missed = True
             except Exception as exc:  # a lost connection, mostly; never let the watcher die
@@ -400,46 +398,12 @@ class PostgresStore(TaskStore):
                 delay = min(delay * 2, BACKOFF_MAX)
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@?#]*:)([^@/?#]*)@")  # postgresql://user:PASSWORD@host
-_PARAM_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)  # password=...
-
-
-def redact_dsn(dsn: str) -> str:
-    """`dsn` with its password (URL userinfo or a password= parameter) replaced by ***."""
-    return _PARAM_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", dsn))
-
-
-def _passwords(dsn: str) -> list[str]:
-    """The password of `dsn` (as written and as decoded), to scrub from error messages."""
-    secrets = [m.group(2) for m in _URL_PASSWORD.finditer(dsn)]
-    secrets += [m.group(2).strip("'") for m in _PARAM_PASSWORD.finditer(dsn)]
-    try:
-        decoded = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
-    except psycopg.Error:
-        decoded = None
-    if isinstance(decoded, str):
-        secrets.append(decoded)
-    return sorted({s for s in secrets if s}, key=len, reverse=True)
-
-
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _bytes(value: bytes | memoryview | None) -> bytes | None:
     return None if value is None else bytes(value)
-
-
-def _parse(payload: str) -> Change | None:
-    try:
-        fields = json.loads(payload)
-        return Change(str(fields["task_id"]), int(fields["version"]), bool(fields["deleted"]))
-    except (ValueError, TypeError, KeyError) as exc:
-        log.warning(
-            "ignoring a malformed task store notification",
-            extra={"payload": payload[:200], "error": str(exc)},
-        )
-        return None
 
 
 def _call(callback: Callable[..., None], *args: Any) -> bool:

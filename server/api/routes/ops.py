@@ -1,0 +1,86 @@
+"""Operations: the backbone served, liveness, readiness and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from recast_core.device import dtype_name
+from server.api.deps import app_state, identify
+from server.api.openapi import error_responses
+from server.errors import StoreError
+
+router = APIRouter()
+
+
+@router.get("/v1/backbone", tags=["server"], responses=error_responses(400, 401, 403, 429, 503))
+async def backbone(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    """The backbone, bank and kernel serving; `tasks` counts the caller's tenant's tasks."""
+    identity = identify(request, authorization, "read")
+    runtime, _ = app_state(request).require()
+    _, tasks = await run_in_threadpool(runtime.registry.page, "", 1, identity.tenant)
+    bank = runtime.bank
+    return {
+        "model": runtime.backbone.name,
+        "hidden_size": runtime.backbone.hidden_size,
+        "bank": {
+            "fingerprint": bank.fingerprint,
+            "config": bank.config.to_dict(),
+            "coefficients_per_task": bank.num_slots * bank.num_templates,
+            "bytes": bank.nbytes(),
+        },
+        "kernel": {
+            "path": runtime.kernels.path.value,
+            "detail": runtime.kernels.detail,
+            "variants": runtime.kernels.variant_choices(),
+        },
+        "device": str(runtime.device),
+        "dtype": dtype_name(runtime.dtype),
+        "store": runtime.store.kind,
+        "tasks": tasks,
+    }
+
+
+@router.get("/healthz", tags=["server"])
+@router.head("/healthz", tags=["server"], operation_id="healthz_head")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["server"], responses=error_responses(400, 503))
+@router.head("/readyz", tags=["server"], responses=error_responses(400, 503), operation_id="readyz_head")
+async def readyz(
+    request: Request,
+    strict: Annotated[bool, Query(description="also answer 503 while the task store is unreachable")] = False,
+) -> dict[str, Any]:
+    """Readiness: backbone, bank and tasks loaded, batcher running (503 `not_ready` otherwise).
+
+    While the task store is unreachable or catching up, the replica still answers predictions for its
+    resident tasks (uploads and deletes answer 503 `store_unavailable`), so it stays ready with
+    `"status": "degraded"`; with `strict=true` it answers 503 `store_unavailable` instead. Taking every
+    replica out of a load balancer because a shared database is down would stop predictions as well."""
+    runtime, batcher = app_state(request).require()
+    store_ok = runtime.store.healthy
+    if not store_ok and strict:
+        raise StoreError(
+            f"the task store ({runtime.store.kind}) is unreachable or catching up; uploads and deletes "
+            "fail until it is back, resident tasks still answer predictions",
+            retry_after=2,
+        )
+    return {  # no task counts here: readiness needs no key, and tenants' task counts are theirs
+        "status": "ready" if store_ok else "degraded",
+        "store": "ok" if store_ok else "unavailable",
+        "queued_texts": batcher.queued_texts,
+    }
+
+
+@router.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    state = app_state(request)
+    text = await run_in_threadpool(generate_latest, state.metrics.registry)  # off the event loop
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,72 @@
+"""API v1 predictions: a task's current version classifies the request's texts, batched across tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from server.api.deps import app_state, identify, stored_id_of
+from server.api.openapi import error_responses
+from server.errors import NotReady
+from server.serving.predictor import TaskRequest, check_texts
+
+router = APIRouter()
+
+
+class PredictRequest(BaseModel):
+    # the bounds the schema shows are the server's own (RECAST_MAX_INPUTS, RECAST_MAX_INPUT_CHARS): see
+    # server/api/openapi.py; the handler checks them
+    inputs: list[str] = Field(description="texts to classify (1 to RECAST_MAX_INPUTS)")
+
+
+class Output(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    task_id: str
+    version: int
+    outputs: list[Output]
+
+
+@router.post(
+    "/v1/tasks/{task_id}/predict",
+    response_model=PredictResponse,
+    responses=error_responses(400, 401, 403, 404, 413, 429, 503),
+    tags=["predict"],
+)
+async def predict(
+    task_id: str,
+    body: PredictRequest,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> PredictResponse:
+    """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
+    state = app_state(request)
+    settings = state.settings
+    stored_id = stored_id_of(identify(request, authorization, "predict"), task_id)
+    check_texts(body.inputs, settings.max_inputs, settings.max_input_chars)
+    runtime, batcher = state.require()
+    registry = runtime.registry
+    entry = registry.get(stored_id)  # this version (and its head) answers the whole request
+    head = registry.heads.get(entry.digest)
+    if head is None:  # evicted under the memory budget: read back from the store, off the event loop
+        entry, head = await run_in_threadpool(registry.resolve, stored_id)
+    tokens = await run_in_threadpool(runtime.predictor.encode, body.inputs)  # at the edge, off the loop
+    try:
+        work = TaskRequest(entry, head, body.inputs, tokens)
+        outputs = await asyncio.wait_for(batcher.submit(work), settings.request_timeout_s)
+    except TimeoutError:
+        raise NotReady(
+            f"no answer within {settings.request_timeout_s} s; retry later", retry_after=1
+        ) from None
+    return PredictResponse(
+        task_id=task_id,
+        version=entry.version,
+        outputs=[Output(label=o.label, scores=o.scores) for o in outputs],
+    )

@@ -1,0 +1,1 @@
+"""Answering predictions: cross-task dynamic batching and the one forward for many tasks."""
