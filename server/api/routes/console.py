@@ -14,10 +14,10 @@ POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
 
-router = APIRouter()
+router = APIRouter(prefix="/console", tags=["console"])
 
 
-@router.get("/console", include_in_schema=False)
+@router.get("", include_in_schema=False)
 async def console() -> HTMLResponse:
     return HTMLResponse(
         (CONSOLE / "index.html").read_text(),

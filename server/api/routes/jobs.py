@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from server.api.deps import app_state, identify, stored_id_of
+from server.api.deps import AdminCaller, ReadCaller, RuntimeDep, stored_id_of
 from server.api.openapi import error_responses
 from server.errors import UnsupportedMediaType
 from server.training.data import (
@@ -25,7 +25,7 @@ from server.training.data import (
 )
 from server.training.records import Job
 
-router = APIRouter()
+router = APIRouter(prefix="/v1", tags=["jobs"])
 OPTION_NAMES = tuple(TrainingOptions.model_fields)
 
 
@@ -99,18 +99,18 @@ TRAIN_BODY = {
 
 
 @router.post(
-    "/v1/tasks/{task_id}/train",
+    "/tasks/{task_id}/train",
     status_code=202,
     response_model=JobView,
     responses=error_responses(400, 401, 403, 413, 415, 429, 503),
-    tags=["jobs"],
     openapi_extra={"requestBody": TRAIN_BODY},
 )
 async def train_task(
     task_id: str,
     request: Request,
     response: Response,
-    authorization: Annotated[str | None, Header()] = None,
+    caller: AdminCaller,
+    runtime: RuntimeDep,
     text_column: Annotated[str, Query(max_length=128, description="CSV: the text column")] = "text",
     label_column: Annotated[str, Query(max_length=128, description="CSV: the label column")] = "label",
     epochs: Annotated[
@@ -124,9 +124,7 @@ async def train_task(
     """Train a task from labelled examples in the background (JSON `{"examples", "options"}`, or a CSV
     body with `text` and `label` columns); 202 with the job to follow at `/v1/jobs/{job_id}`. The task is
     published like an upload when the job succeeds."""
-    state = app_state(request)
-    identity = identify(request, authorization, "admin")
-    stored_id_of(identity, task_id)
+    stored_id_of(caller, task_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     if content_type == "application/json":
@@ -142,57 +140,36 @@ async def train_task(
     }
     if overrides:
         options = parse_options(options.model_dump() | overrides)
-    settings = state.settings
+    settings = runtime.settings
     await run_in_threadpool(check_examples, data, settings.max_train_examples, settings.max_input_chars)
-    runtime, _ = state.require()
-    job = await run_in_threadpool(runtime.jobs.submit, identity.tenant, task_id, data, options_dict(options))
+    job = await run_in_threadpool(runtime.jobs.submit, caller.tenant, task_id, data, options_dict(options))
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"
     return _view(job)
 
 
-@router.get(
-    "/v1/jobs", response_model=JobList, responses=error_responses(400, 401, 403, 429, 503), tags=["jobs"]
-)
+@router.get("/jobs", response_model=JobList, responses=error_responses(400, 401, 403, 429, 503))
 async def list_jobs(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    caller: ReadCaller, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> JobList:
     """The tenant's newest training jobs, newest first."""
-    identity = identify(request, authorization, "read")
-    runtime, _ = app_state(request).require()
-    jobs = await run_in_threadpool(runtime.jobs.list, identity.tenant, limit)
+    jobs = await run_in_threadpool(runtime.jobs.list, caller.tenant, limit)
     return JobList(jobs=[_view(j) for j in jobs])
 
 
-@router.get(
-    "/v1/jobs/{job_id}",
-    response_model=JobView,
-    responses=error_responses(400, 401, 403, 404, 429, 503),
-    tags=["jobs"],
-)
-async def get_job(
-    job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None
-) -> JobView:
-    identity = identify(request, authorization, "read")
-    runtime, _ = app_state(request).require()
-    return _view(await run_in_threadpool(runtime.jobs.get, identity.tenant, job_id))
+@router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(400, 401, 403, 404, 429, 503))
+async def get_job(job_id: str, caller: ReadCaller, runtime: RuntimeDep) -> JobView:
+    return _view(await run_in_threadpool(runtime.jobs.get, caller.tenant, job_id))
 
 
 @router.delete(
-    "/v1/jobs/{job_id}",
+    "/jobs/{job_id}",
     response_model=JobView,
     responses=error_responses(400, 401, 403, 404, 409, 429, 503),
-    tags=["jobs"],
     summary="Cancel a job",
 )
-async def cancel_job(
-    job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None
-) -> JobView:
+async def cancel_job(job_id: str, caller: AdminCaller, runtime: RuntimeDep) -> JobView:
     """DELETE cancels the job; its record stays (listed, `cancelled`) until finished jobs are pruned. A
     queued job is dropped at once; a running one has its worker ended, on whichever replica runs it, and
     the answer waits for that (up to 15 s; if it is still `running` then, `cancel_requested` is true). A
     cancelled job publishes nothing. 409 `job_finished` once the job ended."""
-    identity = identify(request, authorization, "admin")
-    runtime, _ = app_state(request).require()
-    return _view(await run_in_threadpool(runtime.jobs.cancel, identity.tenant, job_id))
+    return _view(await run_in_threadpool(runtime.jobs.cancel, caller.tenant, job_id))

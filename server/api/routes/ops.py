@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from recast_core.device import dtype_name
-from server.api.deps import app_state, identify
+from server.api.deps import AppStateDep, BatcherDep, ReadCaller, RuntimeDep
 from server.api.openapi import error_responses
 from server.errors import StoreError
 
-router = APIRouter()
+router = APIRouter(tags=["server"])
 
 
-@router.get("/v1/backbone", tags=["server"], responses=error_responses(400, 401, 403, 429, 503))
-async def backbone(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+@router.get("/v1/backbone", responses=error_responses(400, 401, 403, 429, 503))
+async def backbone(caller: ReadCaller, runtime: RuntimeDep) -> dict[str, Any]:
     """The backbone, bank and kernel serving; `tasks` counts the caller's tenant's tasks."""
-    identity = identify(request, authorization, "read")
-    runtime, _ = app_state(request).require()
-    _, tasks = await run_in_threadpool(runtime.registry.page, "", 1, identity.tenant)
+    _, tasks = await run_in_threadpool(runtime.registry.page, "", 1, caller.tenant)
     bank = runtime.bank
     return {
         "model": runtime.backbone.name,
@@ -45,17 +43,18 @@ async def backbone(request: Request, authorization: Annotated[str | None, Header
     }
 
 
-@router.get("/healthz", tags=["server"])
-@router.head("/healthz", tags=["server"], operation_id="healthz_head")
+@router.get("/healthz")
+@router.head("/healthz", operation_id="healthz_head")
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["server"], responses=error_responses(400, 503))
-@router.head("/readyz", tags=["server"], responses=error_responses(400, 503), operation_id="readyz_head")
+@router.get("/readyz", responses=error_responses(400, 503))
+@router.head("/readyz", responses=error_responses(400, 503), operation_id="readyz_head")
 async def readyz(
-    request: Request,
+    runtime: RuntimeDep,
+    batcher: BatcherDep,
     strict: Annotated[bool, Query(description="also answer 503 while the task store is unreachable")] = False,
 ) -> dict[str, Any]:
     """Readiness: backbone, bank and tasks loaded, batcher running (503 `not_ready` otherwise).
@@ -64,7 +63,6 @@ async def readyz(
     resident tasks (uploads and deletes answer 503 `store_unavailable`), so it stays ready with
     `"status": "degraded"`; with `strict=true` it answers 503 `store_unavailable` instead. Taking every
     replica out of a load balancer because a shared database is down would stop predictions as well."""
-    runtime, batcher = app_state(request).require()
     store_ok = runtime.store.healthy
     if not store_ok and strict:
         raise StoreError(
@@ -79,8 +77,7 @@ async def readyz(
     }
 
 
-@router.get("/metrics", tags=["server"], response_class=PlainTextResponse)
-async def metrics(request: Request) -> Response:
-    state = app_state(request)
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(state: AppStateDep) -> Response:
     text = await run_in_threadpool(generate_latest, state.metrics.registry)  # off the event loop
     return Response(text, media_type=CONTENT_TYPE_LATEST)

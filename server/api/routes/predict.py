@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from server.api.deps import app_state, identify, stored_id_of
+from server.api.deps import BatcherDep, PredictCaller, RuntimeDep, stored_id_of
 from server.api.openapi import error_responses
 from server.errors import NotReady
 from server.serving.predictor import TaskRequest, check_texts
+from server.tasks.heads import Head
+from server.tasks.registry import TaskEntry
 
-router = APIRouter()
+router = APIRouter(prefix="/v1/tasks", tags=["predict"])
 
 
 class PredictRequest(BaseModel):
@@ -35,28 +36,23 @@ class PredictResponse(BaseModel):
 
 
 @router.post(
-    "/v1/tasks/{task_id}/predict",
+    "/{task_id}/predict",
     response_model=PredictResponse,
     responses=error_responses(400, 401, 403, 404, 413, 429, 503),
-    tags=["predict"],
 )
 async def predict(
-    task_id: str,
-    body: PredictRequest,
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    task_id: str, body: PredictRequest, caller: PredictCaller, runtime: RuntimeDep, batcher: BatcherDep
 ) -> PredictResponse:
     """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
-    state = app_state(request)
-    settings = state.settings
-    stored_id = stored_id_of(identify(request, authorization, "predict"), task_id)
+    settings = runtime.settings
+    stored_id = stored_id_of(caller, task_id)
     check_texts(body.inputs, settings.max_inputs, settings.max_input_chars)
-    runtime, batcher = state.require()
     registry = runtime.registry
     entry = registry.get(stored_id)  # this version (and its head) answers the whole request
     head = registry.heads.get(entry.digest)
     if head is None:  # evicted under the memory budget: read back from the store, off the event loop
-        entry, head = await run_in_threadpool(registry.resolve, stored_id)
+        resolved: tuple[TaskEntry, Head] = await run_in_threadpool(registry.resolve, stored_id)
+        entry, head = resolved
     tokens = await run_in_threadpool(runtime.predictor.encode, body.inputs)  # at the edge, off the loop
     try:
         work = TaskRequest(entry, head, body.inputs, tokens)

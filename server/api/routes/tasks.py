@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from server.api.deps import app_state, identify, stored_id_of
+from server.api.deps import AdminCaller, ExpectedVersion, ReadCaller, RuntimeDep, stored_id_of
 from server.api.openapi import error_responses
 from server.errors import (
     BadInput,
@@ -22,7 +21,7 @@ from server.errors import (
 from server.ids import split_stored_id
 from server.tasks.registry import TaskEntry, TaskRegistry
 
-router = APIRouter()
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 ARTIFACT_TYPE = "application/octet-stream"
 ARTIFACT = {
     "type": "string",
@@ -83,27 +82,6 @@ def _detail(entry: TaskEntry) -> TaskDetail:
     )
 
 
-IF_MATCH_PATTERN = r'^(W/)?"?[0-9]{1,18}"?$'
-IfMatch = Annotated[
-    str | None,
-    Header(
-        pattern=IF_MATCH_PATTERN,
-        description='the task version the change applies to: `3` or `"3"` (the ETag); `0`: only if the task '
-        "does not exist",
-    ),
-]
-
-
-def _if_match(value: str | None) -> int | None:
-    """`If-Match: 3` or `If-Match: "3"` (the ETag we send); 0 means the task must not exist yet."""
-    if value is None:
-        return None
-    text = value.strip().removeprefix("W/").strip('"')
-    if not re.fullmatch(r"[0-9]{1,18}", text):
-        raise BadInput(f"If-Match must be a task version number, got {value[:40]!r}")
-    return int(text)
-
-
 def _is_live(registry: TaskRegistry, stored_id: str) -> bool:
     """Whether the task has a live version (one whose stored artifact failed verification counts)."""
     try:
@@ -116,31 +94,29 @@ def _is_live(registry: TaskRegistry, stored_id: str) -> bool:
 
 
 @router.put(
-    "/v1/tasks/{task_id}",
+    "/{task_id}",
     response_model=TaskDetail,
     responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
     | {201: {"model": TaskDetail, "description": "created (version 1)"}},
-    tags=["tasks"],
     openapi_extra={"requestBody": {"required": True, "content": {ARTIFACT_TYPE: {"schema": ARTIFACT}}}},
 )
 async def upload_task(
     task_id: str,
     request: Request,
     response: Response,
-    authorization: Annotated[str | None, Header()] = None,
-    if_match: IfMatch = None,
+    caller: AdminCaller,
+    expected: ExpectedVersion,
+    runtime: RuntimeDep,
 ) -> TaskDetail:
     """Upload a task artifact (raw safetensors body, `application/octet-stream`); returns its new version."""
-    state = app_state(request)
-    stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
-    expected = _if_match(if_match)
+    stored_id = stored_id_of(caller, task_id)
     content_type = request.headers.get("content-type", ARTIFACT_TYPE).split(";")[0].strip().lower()
     if content_type != ARTIFACT_TYPE:
         raise UnsupportedMediaType(
             "upload the artifact as the raw body with Content-Type application/octet-stream, "
             f"not {content_type}"
         )
-    limit = state.settings.max_upload_bytes
+    limit = runtime.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"artifact of {declared} bytes exceeds the limit of {limit} bytes")
@@ -151,69 +127,43 @@ async def upload_task(
             raise PayloadTooLarge(f"artifact exceeds the limit of {limit} bytes")
     if not body:
         raise BadInput("empty body: send the task artifact (.safetensors) as the request body")
-    runtime, _ = state.require()
     existed = _is_live(runtime.registry, stored_id)
     start = time.perf_counter()
     entry = await run_in_threadpool(runtime.catalog.upload, stored_id, bytes(body), if_match=expected)
     seconds = time.perf_counter() - start  # validated, stored durably and servable
-    state.metrics.upload_seconds.observe(seconds)
+    runtime.metrics.upload_seconds.observe(seconds)
     response.status_code = 200 if existed and entry.version > 1 else 201  # 201: no live version before
     response.headers["ETag"] = f'"{entry.version}"'
     response.headers["Server-Timing"] = f"upload;dur={1000 * seconds:.3f}"
     return _detail(entry)
 
 
-@router.get(
-    "/v1/tasks", response_model=TaskPage, responses=error_responses(400, 401, 403, 429, 503), tags=["tasks"]
-)
+@router.get("", response_model=TaskPage, responses=error_responses(400, 401, 403, 429, 503))
 async def list_tasks(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    caller: ReadCaller,
+    runtime: RuntimeDep,
     after: Annotated[str, Query(max_length=128, description="last task id of the previous page")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TaskPage:
-    identity = identify(request, authorization, "read")
-    runtime, _ = app_state(request).require()
-    entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1, identity.tenant)
+    entries, total = await run_in_threadpool(runtime.registry.page, after, limit + 1, caller.tenant)
     last = split_stored_id(entries[limit - 1].task_id)[1] if len(entries) > limit else None
     entries = entries[:limit]
     return TaskPage(tasks=[_summary(e) for e in entries], total=total, next=last)
 
 
-@router.get(
-    "/v1/tasks/{task_id}",
-    response_model=TaskDetail,
-    responses=error_responses(400, 401, 403, 404, 429, 503),
-    tags=["tasks"],
-)
-async def get_task(
-    task_id: str,
-    request: Request,
-    response: Response,
-    authorization: Annotated[str | None, Header()] = None,
-) -> TaskDetail:
-    stored_id = stored_id_of(identify(request, authorization, "read"), task_id)
-    runtime, _ = app_state(request).require()
-    entry = runtime.registry.get(stored_id)
+@router.get("/{task_id}", response_model=TaskDetail, responses=error_responses(400, 401, 403, 404, 429, 503))
+async def get_task(task_id: str, response: Response, caller: ReadCaller, runtime: RuntimeDep) -> TaskDetail:
+    entry = runtime.registry.get(stored_id_of(caller, task_id))
     response.headers["ETag"] = f'"{entry.version}"'
     return _detail(entry)
 
 
 @router.delete(
-    "/v1/tasks/{task_id}",
-    response_model=Deleted,
-    responses=error_responses(400, 401, 403, 404, 409, 429, 503),
-    tags=["tasks"],
+    "/{task_id}", response_model=Deleted, responses=error_responses(400, 401, 403, 404, 409, 429, 503)
 )
 async def delete_task(
-    task_id: str,
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    if_match: IfMatch = None,
+    task_id: str, caller: AdminCaller, expected: ExpectedVersion, runtime: RuntimeDep
 ) -> Deleted:
-    state = app_state(request)
-    stored_id = stored_id_of(identify(request, authorization, "admin"), task_id)
-    expected = _if_match(if_match)
-    runtime, _ = state.require()
+    stored_id = stored_id_of(caller, task_id)
     tombstone = await run_in_threadpool(runtime.catalog.delete, stored_id, if_match=expected)
     return Deleted(task_id=task_id, version=tombstone.version)
