@@ -10,13 +10,15 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from server.training.messages import Progress
+
 
 def hold(spec: Any, conn: Connection) -> None:
     """A training that never ends: progress every 50 ms until the process is ended."""
     done = 0
     while True:
         done += 1
-        conn.send(("progress", "training", done, 1_000_000))
+        conn.send(Progress("training", done, 1_000_000))
         time.sleep(0.05)
 
 

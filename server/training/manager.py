@@ -5,14 +5,15 @@ A job is queued (bounded queue, shared fairly between tenants), then run in a wo
 like an upload (validated, stored durably, swapped in atomically). Every state change is recorded in the job
 store, so every replica and a restarted server can answer for it.
 
-One final state for every replica: records are written only by compare-and-set on the revision read
-(server/stores/jobs.py). The owner (the server running the job) writes its job while it is unfinished and
-heartbeats it; any server may end it once: the owner with its outcome, another replica with `failed` when
-the heartbeat is older than `stale_after` (or, at start-up, any unfinished job of a single-writer store).
-Whichever write lands first wins and a final record is never written again: a replica whose write loses
-reads the record back and answers with it; an owner whose write loses to a final record stops the worker,
-publishes nothing and keeps that record. A cancel through another replica is a separate flag that the
-owner's writes return to it (heartbeat or progress save, so within `heartbeat` seconds) and never clear.
+One final state for every replica (server/training/recorder.py): records are written only by
+compare-and-set on the revision read (server/stores/jobs.py). The owner (the server running the job) writes
+its job while it is unfinished and heartbeats it; any server may end it once: the owner with its outcome,
+another replica with `failed` when the heartbeat is older than `stale_after` (or, at start-up, any
+unfinished job of a single-writer store). Whichever write lands first wins and a final record is never
+written again: a replica whose write loses reads the record back and answers with it; an owner whose write
+loses to a final record stops the worker, publishes nothing and keeps that record. A cancel through
+another replica is a separate flag that the owner's writes return to it (heartbeat or progress save, so
+within `heartbeat` seconds) and never clear.
 
 Fair sharing and retention (server/training/queue.py): a tenant holds at most max(1, max_queued // 2) of the
 `max_queued` waiting places, and a free runner starts the tenant with the fewest running jobs, then the one
@@ -29,7 +30,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,10 @@ from server.ids import qualify
 from server.metrics import Metrics
 from server.stores.jobs import JobStore
 from server.tasks.catalog import TaskCatalog
-from server.training.queue import KEEP_FINISHED, KEEP_SECONDS, PRUNE_EVERY, FairJobQueue, prune_finished
-from server.training.records import FINAL, Job, State, age, now_stamp
+from server.training.messages import Failed, Succeeded
+from server.training.queue import KEEP_FINISHED, KEEP_SECONDS, PRUNE_EVERY, FairJobQueue
+from server.training.recorder import JobRecorder, Work, fields
+from server.training.records import Job, job_result, now_stamp
 from server.training.runner import run_worker
 from server.training.worker import WorkerSpec, run
 
@@ -48,23 +50,6 @@ log = logging.getLogger("server.jobs")  # the logger name of its lines as they a
 
 HEARTBEAT = 2.0  # seconds between heartbeats of a server's unfinished jobs
 STALE_AFTER = 30.0  # an unfinished job without a heartbeat this long lost its server
-STOPPED = "the server running the job stopped before it finished"
-
-
-@dataclass(eq=False)
-class _Work:
-    """A job of this server. `job`, `process`, `ended` and `recorded` change only under `lock`; `job`
-    never again once `ended`. It leaves the server's active jobs once `recorded` and not `running`."""
-
-    job: Job
-    data: LabelledTexts
-    seq: int = 0  # queue order
-    process: Any = None  # the worker process, once started
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    ended: bool = False  # `job` is final in memory
-    recorded: bool = False  # and the store holds a final record
-    running: bool = False  # a runner thread holds it
 
 
 class JobManager:
@@ -93,14 +78,22 @@ class JobManager:
         self.worker, self.heartbeat, self.stale_after = worker, heartbeat, stale_after
         self.keep_finished, self.keep_seconds = keep_finished, keep_seconds
         self.owner = uuid.uuid4().hex[:12]
-        self._queue: FairJobQueue[_Work] = FairJobQueue(max_queued)
-        self._active: dict[str, _Work] = {}  # queued and running jobs of this server
+        self.records = JobRecorder(
+            store,
+            self.owner,
+            stale_after=stale_after,
+            keep_finished=keep_finished,
+            keep_seconds=keep_seconds,
+            metrics=metrics,
+        )
+        self._queue: FairJobQueue[Work] = FairJobQueue(max_queued)
+        self._active: dict[str, Work] = {}  # queued and running jobs of this server
         self._running: Counter[str] = Counter()  # running jobs per tenant
         self._cond = threading.Condition()
         self._stopping = False
         self._wake = threading.Event()
         self._context = mp.get_context("spawn")
-        self._recover()
+        self.records.recover()
         self._threads = [
             threading.Thread(target=self._runner, name=f"job-runner-{i}", daemon=True)
             for i in range(max_jobs)
@@ -135,12 +128,12 @@ class JobManager:
             if refusal is not None:
                 raise Overloaded(refusal, retry_after=30)
             job = Job.from_record(self.store.create(job.to_record()))
-            work = _Work(job, data)
+            work = Work(job, data)
             self._queue.push(work)
             self._active[job.job_id] = work
             self._cond.notify()
-        self._count("queued")
-        log.info("training job queued", extra=self._fields(job))
+        self.records.count("queued")
+        log.info("training job queued", extra=fields(job))
         return job
 
     def get(self, tenant: str, job_id: str) -> Job:
@@ -148,10 +141,10 @@ class JobManager:
         record = self.store.get(tenant, job_id)
         if record is None:
             raise UnknownJob(f"no job {job_id[:64]!r}")
-        return self._checked(Job.from_record(record))
+        return self.records.checked(Job.from_record(record))
 
     def list(self, tenant: str, limit: int = 50) -> list[Job]:
-        return [self._checked(Job.from_record(r)) for r in self.store.list(tenant, limit)]
+        return [self.records.checked(Job.from_record(r)) for r in self.store.list(tenant, limit)]
 
     def cancel(self, tenant: str, job_id: str) -> Job:
         """Cancel a queued or running job, here or on another replica; JobFinished if it already ended."""
@@ -162,15 +155,15 @@ class JobManager:
             work = self._active.get(job_id)
             queued = work is not None and self._queue.remove(work)
         if work is not None and queued:  # not started: just drop it
-            ended = self._end(work, "cancelled", error="cancelled before it started")
+            ended = self.records.end(work, "cancelled", error="cancelled before it started")
             self._release(work)
             return ended
         if work is not None:  # running here: end the worker; the runner records the outcome
             with work.lock:
-                self._stop(work)
+                work.stop()
         elif self.store.request_cancel(tenant, job_id) is None:  # on another replica: its owner stops it
             raise UnknownJob(f"no job {job_id[:64]!r}")
-        return self._wait_final(tenant, job_id, job)
+        return self.records.wait_final(tenant, job_id, job)
 
     def close(self) -> None:
         """Stop: queued and running jobs of this server are ended and recorded as failed."""
@@ -181,11 +174,11 @@ class JobManager:
             self._cond.notify_all()
         self._wake.set()
         for work in queued:
-            self._end(work, "failed", error="the server stopped before the job started")
+            self.records.end(work, "failed", error="the server stopped before the job started")
             self._release(work)
         for work in running:
             with work.lock:
-                self._stop(work)
+                work.stop()
         for thread in self._threads:
             thread.join(timeout=10)
 
@@ -208,11 +201,11 @@ class JobManager:
             try:
                 self._run(work)
             except Exception as exc:  # recorded, and the runner keeps going
-                log.exception("training job crashed", extra=self._fields(work.job))
+                log.exception("training job crashed", extra=fields(work.job))
                 try:
-                    self._end(work, "failed", error=f"internal error: {type(exc).__name__}")
+                    self.records.end(work, "failed", error=f"internal error: {type(exc).__name__}")
                 except Exception:
-                    log.exception("cannot record a crashed training job", extra=self._fields(work.job))
+                    log.exception("cannot record a crashed training job", extra=fields(work.job))
             finally:
                 with self._cond:
                     work.running = False
@@ -220,13 +213,13 @@ class JobManager:
                     self._running += Counter()  # drops tenants with none running
                 self._release(work)
 
-    def _run(self, work: _Work) -> None:
-        job = self._update(work, save=True, state="running", phase="loading", started=now_stamp())
+    def _run(self, work: Work) -> None:
+        job = self.records.update(work, save=True, state="running", phase="loading", started=now_stamp())
         if work.cancelled.is_set():  # asked through another replica while it waited
-            self._end(work, "cancelled", error="cancelled before it started")
+            self.records.end(work, "cancelled", error="cancelled before it started")
         if work.ended:
             return
-        log.info("training job started", extra=self._fields(job))
+        log.info("training job started", extra=fields(job))
         spec = WorkerSpec(
             self.bank_dir,
             self.bank_fingerprint,
@@ -254,46 +247,32 @@ class JobManager:
             started=started,
             progress=progress,
         )
-        if work.cancelled.is_set() and (outcome is None or outcome[0] != "succeeded"):
+        if work.cancelled.is_set() and not isinstance(outcome, Succeeded):
             if self._stopping:
-                self._end(work, "failed", error="the server stopped while the job ran")
+                self.records.end(work, "failed", error="the server stopped while the job ran")
             else:
-                self._end(work, "cancelled", error="cancelled while it ran")
+                self.records.end(work, "cancelled", error="cancelled while it ran")
             return
         if outcome is None:
-            self._end(work, "failed", error=f"the training process exited (code {exitcode})")
+            self.records.end(work, "failed", error=f"the training process exited (code {exitcode})")
             return
-        if outcome[0] == "failed":
-            self._end(work, "failed", error=str(outcome[1]))
+        if isinstance(outcome, Failed):
+            self.records.end(work, "failed", error=outcome.reason)
             return
-        _, artifact, summary = outcome
-        self._update(work, save=True, phase="done", progress=1.0)
+        self.records.update(work, save=True, phase="done", progress=1.0)
         if work.ended:  # ended elsewhere meanwhile (declared failed): publish nothing
             return
         try:
-            entry = self.catalog.upload(qualify(job.tenant, job.task_id), artifact)
+            entry = self.catalog.upload(qualify(job.tenant, job.task_id), outcome.artifact)
         except ServerError as exc:
-            self._end(work, "failed", error=f"training succeeded but publishing failed: {exc.message}")
+            self.records.end(work, "failed", error=f"training succeeded but publishing failed: {exc.message}")
             return
-        result = {
-            "version": entry.version,
-            "val_accuracy": summary.get("val_accuracy"),
-            "probe_val_accuracy": summary.get("probe_val_accuracy"),
-            "train_examples": summary.get("train_examples"),
-            "val_examples": summary.get("val_examples"),
-            "epochs_run": summary.get("epochs_run"),
-            "lr": summary.get("lr"),
-            "lr_trials": summary.get("lr_trials"),
-            "capacity": summary.get("capacity"),
-            "pooling": summary.get("pooling"),
-            "trained_parameters": summary.get("trained_parameters"),
-            "seconds": summary.get("seconds"),
-        }
-        self._end(work, "succeeded", result=result)
+        result = job_result(entry.version, outcome.summary)
+        self.records.end(work, "succeeded", result=result)
 
-    def _progress(self, work: _Work, save: bool, **changes: Any) -> None:
+    def _progress(self, work: Work, save: bool, **changes: Any) -> None:
         try:
-            self._update(work, save=save, **changes)
+            self.records.update(work, save=save, **changes)
         except ServerError as exc:  # the store is away: the heartbeat records the job when it is back
             log.warning("job progress not recorded", extra={"job_id": work.job.job_id, "error": exc.message})
 
@@ -313,130 +292,21 @@ class JobManager:
                     log.exception("job heartbeat failed", extra={"job_id": work.job.job_id})
             if time.monotonic() - pruned >= PRUNE_EVERY:
                 pruned = time.monotonic()
-                self._prune(None)
+                self.records.prune(None)
 
-    def _beat(self, work: _Work) -> None:
+    def _beat(self, work: Work) -> None:
         """Record the job (its heartbeat, or an outcome not recorded yet); act on a cancel request."""
         with work.lock:
             if not work.recorded:
-                self._record(work)
+                self.records.record(work)
         if work.cancelled.is_set():
             with self._cond:
                 queued = self._queue.remove(work)
             if queued:
-                self._end(work, "cancelled", error="cancelled before it started")
+                self.records.end(work, "cancelled", error="cancelled before it started")
         self._release(work)
 
-    # records
-
-    def _recover(self) -> None:
-        """Mark the unfinished jobs of servers that stopped as failed (all of them for a single writer)."""
-        for record in self.store.unfinished():
-            job = Job.from_record(record)
-            if not job.final and (self.store.single_writer or age(job.updated) > self.stale_after):
-                self._declare_failed(job)
-        self._prune(None)
-
-    def _checked(self, job: Job) -> Job:
-        """`job`, or failed if its server stopped heartbeating it (unless its heartbeat lands first)."""
-        if not job.final and job.owner != self.owner and age(job.updated) > self.stale_after:
-            return self._declare_failed(job)
-        return job
-
-    def _declare_failed(self, job: Job) -> Job:
-        """Another server's job, failed if its record is still the one read; else the record as it is now."""
-        done = replace(job, state="failed", updated=now_stamp(), finished=now_stamp(), error=STOPPED)
-        stored = self.store.replace(done.to_record(), job.revision)
-        if stored is None:
-            current = self.store.get(job.tenant, job.job_id)
-            return job if current is None else Job.from_record(current)
-        self._ended(Job.from_record(stored))
-        return Job.from_record(stored)
-
-    def _update(self, work: _Work, *, save: bool = False, **changes: Any) -> Job:
-        """Change this server's job (recorded when `save`); nothing changes once it ended."""
-        with work.lock:
-            if not work.ended:
-                work.job = replace(work.job, **changes)
-                if save:
-                    self._record(work)
-            return work.job
-
-    def _end(
-        self, work: _Work, state: State, *, error: str | None = None, result: dict[str, Any] | None = None
-    ) -> Job:
-        """End this server's job and record it (or keep the final record another server wrote first); if
-        the store is away, the heartbeat records it later."""
-        with work.lock:
-            if not work.ended:
-                work.ended = True
-                work.job = replace(work.job, state=state, finished=now_stamp(), error=error, result=result)
-                try:
-                    self._record(work)
-                except ServerError as exc:
-                    extra = {"job_id": work.job.job_id, "error": exc.message}
-                    log.warning("job outcome not recorded yet", extra=extra)
-            return work.job
-
-    def _record(self, work: _Work) -> None:
-        """Write `work.job` by compare-and-set (under `work.lock`). The cancel request comes back with it;
-        a final record written first by another server wins: the job ends here too, with that record."""
-        for _ in range(3):
-            job = replace(work.job, updated=now_stamp())
-            stored = self.store.replace(job.to_record(), job.revision)
-            if stored is not None:
-                work.job = Job.from_record(stored)
-                if work.job.final:
-                    work.recorded = True
-                    self._ended(work.job)
-                elif work.job.cancel_requested:
-                    self._stop(work)  # asked through another replica
-                return
-            current = self.store.get(job.tenant, job.job_id)
-            if current is None or current.get("finished") is not None:
-                removed = "the job's record was removed"
-                gone = replace(job, state="failed", finished=now_stamp(), error=removed)
-                work.job = gone if current is None else Job.from_record(current)
-                work.ended = work.recorded = True
-                self._stop(work)
-                log.warning("training job ended by another server", extra=self._fields(work.job))
-                return
-            work.job = replace(work.job, revision=current.get("revision", 0))
-        log.warning("job record kept changing; retried on the next heartbeat", extra=self._fields(work.job))
-
-    def _stop(self, work: _Work) -> None:
-        """End the job's worker process, if it has one (under `work.lock`)."""
-        work.cancelled.set()
-        if work.process is not None:
-            work.process.terminate()
-
-    def _release(self, work: _Work) -> None:
+    def _release(self, work: Work) -> None:
         with self._cond:
             if work.recorded and not work.running:
                 self._active.pop(work.job.job_id, None)
-
-    def _ended(self, job: Job) -> None:
-        self._count(job.state)
-        extra = self._fields(job) | ({"error": job.error} if job.error else {})
-        log.info("training job " + job.state, extra=extra)
-        self._prune(job.tenant)
-
-    def _prune(self, tenant: str | None) -> None:
-        prune_finished(self.store, tenant, self.keep_finished, self.keep_seconds)
-
-    def _wait_final(self, tenant: str, job_id: str, job: Job, timeout: float = 15.0) -> Job:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            record = self.store.get(tenant, job_id)
-            if record is not None and record.get("state") in FINAL:
-                return Job.from_record(record)
-            time.sleep(0.1)
-        return job
-
-    def _count(self, state: str) -> None:
-        if self.metrics is not None:
-            self.metrics.jobs.labels(state=state).inc()
-
-    @staticmethod
-    def _fields(job: Job) -> dict[str, Any]:
-        return {"job_id": job.job_id, "tenant": job.tenant, "task_id": job.task_id, "examples": job.examples}

@@ -8,11 +8,30 @@ from typing import Any, Literal
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# what a succeeded job's result reports of its training summary, after the task version it published
+RESULT_FIELDS = (
+    "val_accuracy",
+    "probe_val_accuracy",
+    "train_examples",
+    "val_examples",
+    "epochs_run",
+    "lr",
+    "lr_trials",
+    "capacity",
+    "pooling",
+    "trained_parameters",
+    "seconds",
+)
 
 
 def now_stamp() -> str:
     """The current UTC time as a record stamp (ISO 8601, milliseconds, `Z`)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_result(version: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """A succeeded job's `result`: the task version it published and what its training summary reports."""
+    return {"version": version} | {name: summary.get(name) for name in RESULT_FIELDS}
 
 
 def age(stamp: str) -> float:

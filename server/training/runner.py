@@ -1,7 +1,7 @@
 """One training job's worker process: started, followed through its pipe, and always reaped.
 
-The worker (server/training/worker.py) sends `("progress", phase, done, total)` messages and then one
-outcome: `("succeeded", artifact, summary)` or `("failed", message)`.
+The worker (server/training/worker.py) sends `Progress` messages and then one outcome, `Succeeded` or
+`Failed` (server/training/messages.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from multiprocessing.context import SpawnContext
 from threading import Event
 from typing import Any
 
+from server.training.messages import Failed, Outcome, Progress, Succeeded
 from server.training.worker import WorkerSpec
 
 SAVE_EVERY = 1.0  # seconds between recorded progress updates
@@ -26,7 +27,7 @@ def run_worker(
     cancelled: Event,
     started: Callable[[Any], None],
     progress: Callable[[bool, str, float], None],
-) -> tuple[tuple[Any, ...] | None, int | None]:
+) -> tuple[Outcome | None, int | None]:
     """Run `worker(spec, pipe)` in a new process until it sends its outcome, exits or `cancelled` is set.
 
     `started(process)` is called once the process runs (so a cancel can terminate it); `progress(save,
@@ -37,7 +38,7 @@ def run_worker(
     process.start()
     child.close()
     started(process)
-    outcome: tuple[Any, ...] | None = None
+    outcome: Outcome | None = None
     saved = time.monotonic()
     try:
         while outcome is None and not cancelled.is_set():
@@ -49,12 +50,12 @@ def run_worker(
                 message = parent.recv()
             except EOFError:
                 break
-            if message[0] == "progress":
-                _, phase, done, total = message
+            if isinstance(message, Progress):
                 save = time.monotonic() - saved >= SAVE_EVERY
-                progress(save, phase, overall(phase, done / total if total else 0.0))
+                share = message.done / message.total if message.total else 0.0
+                progress(save, message.phase, overall(message.phase, share))
                 saved = time.monotonic() if save else saved
-            else:
+            elif isinstance(message, Succeeded | Failed):
                 outcome = message
     finally:
         if outcome is None or process.is_alive():

@@ -2,10 +2,8 @@
 
 A job runs apart from the serving process so that it never holds the server's interpreter or its torch
 thread pool, can be cancelled by ending the process, and cannot take the server down if it fails. The
-parent sends a `WorkerSpec`; the worker answers on the pipe with messages:
-    ("progress", phase, done, total)   at most every PROGRESS_EVERY seconds
-    ("succeeded", artifact_bytes, summary)
-    ("failed", reason)                 data or option problems, or an unexpected error (one line)
+parent sends a `WorkerSpec`; the worker answers on the pipe with messages (server/training/messages.py):
+`Progress` at most every PROGRESS_EVERY seconds, then `Succeeded` or `Failed`.
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from server.training.messages import Failed, Progress, Succeeded
 
 PROGRESS_EVERY = 0.25
 
@@ -41,16 +41,16 @@ def run(spec: WorkerSpec, conn: Connection) -> None:
         from recast_core.errors import RecastError
 
         if isinstance(exc, RecastError):
-            conn.send(("failed", " ".join(str(exc).split())))
+            conn.send(Failed(" ".join(str(exc).split())))
         else:
             last = traceback.extract_tb(exc.__traceback__)[-1:]
             where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
-            conn.send(("failed", f"training failed: {type(exc).__name__}: {exc}{where}"))
+            conn.send(Failed(f"training failed: {type(exc).__name__}: {exc}{where}"))
     finally:
         conn.close()
 
 
-def _train(spec: WorkerSpec, conn: Connection) -> tuple[str, bytes, dict[str, Any]]:
+def _train(spec: WorkerSpec, conn: Connection) -> Succeeded:
     if spec.nice > 0:
         os.nice(spec.nice)
     if spec.idle_priority and hasattr(os, "SCHED_IDLE"):
@@ -72,7 +72,7 @@ def _train(spec: WorkerSpec, conn: Connection) -> tuple[str, bytes, dict[str, An
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY or done == total:
             last = now
-            conn.send(("progress", phase, done, total))
+            conn.send(Progress(phase, done, total))
 
     progress("loading", 0, 1)
     backbone = load_text_backbone()
@@ -91,4 +91,4 @@ def _train(spec: WorkerSpec, conn: Connection) -> tuple[str, bytes, dict[str, An
         progress=False,
         on_progress=progress,
     )
-    return "succeeded", result.artifact.to_bytes(), result.summary
+    return Succeeded(result.artifact.to_bytes(), result.summary)
