@@ -1,4 +1,4 @@
-"""A thread-safe LRU bounded by bytes: the composed-weight cache and the server's head cache share it."""
+"""A thread-safe LRU bounded by bytes: the composed-weight, packed-template and head caches are all one."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ class ByteBudgetLRU(Generic[V]):
                 self._values.move_to_end(key)
                 self.hits += 1
             return value
+
+    def get_or_load(self, key: Hashable, load: Callable[[], V]) -> V:
+        """The value of `key`, or `load()`'s (counted as a miss, and kept if it fits the budget)."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        self.note_miss()
+        value = load()
+        self.put(key, value)
+        return value
 
     def note_miss(self) -> None:
         with self._lock:

@@ -97,10 +97,4 @@ class PackedTemplateCache:
         version = -1 if templates.is_inference() else templates._version
         shape, strides = tuple(templates.shape), templates.stride()
         key = (templates.data_ptr(), shape, strides, templates.dtype, version, layout)
-        entry = self._lru.get(key)
-        if entry is not None:
-            return entry[1]
-        self._lru.note_miss()
-        packed = layout.pack(templates)
-        self._lru.put(key, (templates, packed))
-        return packed
+        return self._lru.get_or_load(key, lambda: (templates, layout.pack(templates)))[1]

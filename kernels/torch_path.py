@@ -184,7 +184,7 @@ class TorchPath:
 
         if self.cache is None or cache_keys is None:
             return make()
-        return self.cache.get_or_compose(cache_keys[s], make)
+        return self.cache.get_or_load(cache_keys[s], make)
 
     @staticmethod
     def _composed(

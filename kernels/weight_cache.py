@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-
 import torch
 
 from kernels.lru import ByteBudgetLRU
@@ -17,18 +15,8 @@ class ComposedWeightCache(ByteBudgetLRU[torch.Tensor]):
     """Composed (out, in) weights keyed by the caller, evicted least-recently-used beyond `max_bytes`.
 
     A key must identify immutable inputs (for example: layer, task id, task version); the cache never
-    looks at the tensors behind a key again. Thread-safe.
+    looks at the tensors behind a key again (`get_or_load(key, compose)`). Thread-safe.
     """
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes, _nbytes)
-
-    def get_or_compose(self, key: Hashable, compose: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The cached weight of `key`, composing (and caching, if it fits) on a miss."""
-        weight = self.get(key)
-        if weight is not None:
-            return weight
-        self.note_miss()
-        weight = compose()
-        self.put(key, weight)
-        return weight

@@ -141,28 +141,24 @@ class MultiTaskEncoder(nn.Module):
         self.router = _Router(kernels)
         named = dict(model.named_modules())
         edits = edit_shape(bank.layout)
-        module_index, layer_index = 0, 0
-        for kp in plan.kinds:
-            for position, row in enumerate(kp.modules):
-                templates = bank.template(kp.kind.name, kp.group_of(position))
-                for name, (r0, r1) in zip(row, kp.rows, strict=True):
-                    old = named[name]
-                    if not isinstance(old, nn.Linear):
-                        kind = type(old).__name__
-                        raise PlanError([f"serving supports nn.Linear modules only; {name} is {kind}"])
-                    edit = position if edits is not None and kp.kind.name == EDITED_KIND else None
-                    new = SlotLinear(
-                        templates[:, r0:r1], old.bias, module_index, layer_index, self.router, edit
-                    )
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, new)
-                    layer_index += 1
-                module_index += 1
+        layer_index = 0  # of the SlotLinear: its cache keys' layer
+        for slot in plan.walk():
+            templates = bank.template(slot.kind, slot.group)
+            edit = slot.position if edits is not None and slot.kind == EDITED_KIND else None
+            for name, (r0, r1) in slot.members:
+                old = named[name]
+                if not isinstance(old, nn.Linear):
+                    kind = type(old).__name__
+                    raise PlanError([f"serving supports nn.Linear modules only; {name} is {kind}"])
+                new = SlotLinear(templates[:, r0:r1], old.bias, slot.index, layer_index, self.router, edit)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
+                layer_index += 1
         for param in model.parameters():
             param.requires_grad_(False)
         model.to(device=self.device, dtype=dtype)
         self.encoder = SentenceEncoder(model).eval()
-        self.num_modules = module_index
+        self.num_modules = plan.num_slots
         self.num_edited_layers, self.edit_width = edits if edits is not None else (0, 0)
         self.num_templates = bank.num_templates
         self.hidden_size = backbone.hidden_size

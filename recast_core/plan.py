@@ -7,6 +7,7 @@ kinds in config order, layers ascending within a kind. Coefficient tables are in
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +44,45 @@ class KindPlan:
 
 
 @dataclass(frozen=True)
+class PlannedSlot:
+    """One coefficient row of the plan: the layer at `position` among its kind's layers, whose members
+    (module name, rows of the fused output) compose their weights from the kind's template group `group`."""
+
+    index: int  # the row, in canonical order
+    kind_plan: KindPlan
+    position: int
+    members: tuple[tuple[str, tuple[int, int]], ...]
+
+    @property
+    def kind(self) -> str:
+        return self.kind_plan.kind.name
+
+    @property
+    def layer(self) -> int:
+        return self.kind_plan.layers[self.position]
+
+    @property
+    def group(self) -> int:
+        return self.kind_plan.group_of(self.position)
+
+
+@dataclass(frozen=True)
 class ModulePlan:
     config: RecastConfig
     kinds: tuple[KindPlan, ...]
 
+    def walk(self) -> Iterator[PlannedSlot]:
+        """Every coefficient row's slot, in canonical order (the one walk over the planned modules)."""
+        index = 0
+        for kp in self.kinds:
+            for position, row in enumerate(kp.modules):
+                yield PlannedSlot(index, kp, position, tuple(zip(row, kp.rows, strict=True)))
+                index += 1
+
     @property
     def slots(self) -> tuple[tuple[str, int], ...]:
         """Canonical (kind name, layer index) order of coefficient rows."""
-        return tuple((kp.kind.name, layer) for kp in self.kinds for layer in kp.layers)
+        return tuple((slot.kind, slot.layer) for slot in self.walk())
 
     @property
     def num_slots(self) -> int:

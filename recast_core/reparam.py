@@ -53,7 +53,7 @@ class Reparameterized:
 
 
 def planned_weight_names(plan: ModulePlan) -> list[str]:
-    return [f"{name}.weight" for kp in plan.kinds for row in kp.modules for name in row]
+    return [f"{name}.weight" for slot in plan.walk() for name, _ in slot.members]
 
 
 def matching_plan(model: nn.Module, bank: TemplateBank, *, check_backbone: bool = True) -> ModulePlan:
@@ -86,23 +86,20 @@ def reparameterize(model: nn.Module, bank: TemplateBank, *, check_backbone: bool
         param.requires_grad_(False)
     named = dict(model.named_modules())
     coefficients = nn.ParameterList()
-    slot = 0
-    for kp in plan.kinds:
-        for position, row in enumerate(kp.modules):
-            templates = bank.template(kp.kind.name, kp.group_of(position))
-            coeff = nn.Parameter(bank.base_coefficients[slot].clone())
-            coefficients.append(coeff)
-            slot += 1
-            for name, (r0, r1) in zip(row, kp.rows, strict=True):
-                old = named[name]
-                member_templates = templates[:, r0:r1]  # (n, out_j, *in) view into the fused bank
-                bias = getattr(old, "bias", None)
-                new: nn.Module
-                if isinstance(old, nn.Conv2d):
-                    new = RecastConv2d(member_templates, coeff, bias, old)
-                else:
-                    new = RecastLinear(member_templates, coeff, bias)
-                _set_submodule(model, name, new)
+    for slot in plan.walk():
+        templates = bank.template(slot.kind, slot.group)
+        coeff = nn.Parameter(bank.base_coefficients[slot.index].clone())
+        coefficients.append(coeff)
+        for name, (r0, r1) in slot.members:
+            old = named[name]
+            member_templates = templates[:, r0:r1]  # (n, out_j, *in) view into the fused bank
+            bias = getattr(old, "bias", None)
+            new: nn.Module
+            if isinstance(old, nn.Conv2d):
+                new = RecastConv2d(member_templates, coeff, bias, old)
+            else:
+                new = RecastLinear(member_templates, coeff, bias)
+            _set_submodule(model, name, new)
     return Reparameterized(model=model, plan=plan, bank=bank, coefficients=coefficients)
 
 

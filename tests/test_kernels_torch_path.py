@@ -259,16 +259,16 @@ def test_one_task_batches_use_the_cache_and_a_plain_gemm() -> None:
 def test_cache_evicts_least_recently_used() -> None:
     cache = ComposedWeightCache(max_bytes=3 * 400)
     for key in "abc":
-        cache.get_or_compose(key, lambda: torch.zeros(100))
-    cache.get_or_compose("a", lambda: torch.ones(100))  # hit: 'a' becomes most recent
-    cache.get_or_compose("d", lambda: torch.zeros(100))  # evicts 'b'
+        cache.get_or_load(key, lambda: torch.zeros(100))
+    cache.get_or_load("a", lambda: torch.ones(100))  # hit: 'a' becomes most recent
+    cache.get_or_load("d", lambda: torch.zeros(100))  # evicts 'b'
     assert len(cache) == 3 and cache.nbytes == 1200
     assert torch.equal(
-        cache.get_or_compose("a", lambda: torch.ones(100)), torch.zeros(100)
+        cache.get_or_load("a", lambda: torch.ones(100)), torch.zeros(100)
     )  # still the cached one
-    assert torch.equal(cache.get_or_compose("b", lambda: torch.ones(100)), torch.ones(100))  # recomposed
+    assert torch.equal(cache.get_or_load("b", lambda: torch.ones(100)), torch.ones(100))  # recomposed
     assert torch.equal(
-        cache.get_or_compose("huge", lambda: torch.ones(1000)), torch.ones(1000)
+        cache.get_or_load("huge", lambda: torch.ones(1000)), torch.ones(1000)
     )  # too big: not kept
     assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
 

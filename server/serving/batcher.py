@@ -10,7 +10,8 @@ One forward runs at a time, in a worker thread, while the next batch fills.
 Fair sharing between tenants:
 - Admission: a tenant may hold at most its fair share of the queue, `max_queue_texts / (tenants
   waiting, itself included)`, so a tenant that floods leaves room for the others; a request beyond it is
-  refused at once with Overloaded (429, Retry-After), never parked. The whole queue is capped at twice
+  refused at once with Overloaded (429, Retry-After), never parked; a tenant with nothing waiting may
+  always queue one request of up to `max_queue_texts` texts. The whole queue is capped at twice
   `max_queue_texts` (the shares shrink as tenants arrive, while texts already admitted stay queued).
 - Batch filling: round-robin over the tenants waiting, one whole request per tenant per round, the tenant
   with the oldest waiting request first, so no tenant waits behind another's backlog and none starves.

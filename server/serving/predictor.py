@@ -133,8 +133,11 @@ class Predictor:
         entries = {r.entry.cache_key: r.entry for r in requests}
         table = torch.stack([entries[key].coefficients for key in slots])  # (S, M, n)
         heads = {r.entry.cache_key: r.head for r in requests}
-        scale, shift = self._edit_tables(heads, list(slots))
-        queries = self._query_table(heads, list(slots))
+        edits = [heads[key].edit for key in slots]
+        edit_shape = (self.encoder.num_edited_layers, self.encoder.edit_width)
+        scale = self._table([None if e is None else e[0] for e in edits], edit_shape, 1.0)
+        shift = self._table([None if e is None else e[1] for e in edits], edit_shape, 0.0)
+        queries = self._table([heads[key].query for key in slots], (self.backbone.hidden_size,), 0.0)
         task_of_text = torch.tensor(
             [slots[r.entry.cache_key] for r in requests for _ in r.texts], dtype=torch.int64
         )
@@ -146,31 +149,17 @@ class Predictor:
             out.index_copy_(0, index.to(self.device), rows)
         return out
 
-    def _edit_tables(
-        self, heads: dict[str, Head], keys: list[str]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(S, L, H') float32 scale and shift tables of the batch's tasks; (None, None) if none edits."""
-        if all(heads[key].edit is None for key in keys):
-            return None, None
-        shape = (len(keys), self.encoder.num_edited_layers, self.encoder.edit_width)
-        scale = torch.ones(shape, device=self.device)
-        shift = torch.zeros(shape, device=self.device)
-        for s, key in enumerate(keys):
-            edit = heads[key].edit
-            if edit is not None:
-                scale[s].copy_(edit[0])
-                shift[s].copy_(edit[1])
-        return scale, shift
-
-    def _query_table(self, heads: dict[str, Head], keys: list[str]) -> torch.Tensor | None:
-        """(S, H) float32 pooling queries of the batch's tasks (zeros: the mean pool); None: none has one."""
-        if all(heads[key].query is None for key in keys):
+    def _table(
+        self, rows: list[torch.Tensor | None], shape: tuple[int, ...], fill: float
+    ) -> torch.Tensor | None:
+        """(S, *shape) float32 table on the device, one row per task of the batch, `fill` for a task that has
+        none (a scale of 1, a shift or query of 0: served as without); None if no task has one."""
+        if all(row is None for row in rows):
             return None
-        table = torch.zeros(len(keys), self.backbone.hidden_size, device=self.device)
-        for s, key in enumerate(keys):
-            query = heads[key].query
-            if query is not None:
-                table[s].copy_(query)
+        table = torch.full((len(rows), *shape), fill, device=self.device)
+        for s, row in enumerate(rows):
+            if row is not None:
+                table[s].copy_(row)
         return table
 
     def _padded(self, tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

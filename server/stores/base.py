@@ -35,11 +35,11 @@ class StoredTask:
 
 @dataclass(frozen=True)
 class Change:
-    """A store notification: task `task_id` now has version `version` (a tombstone if deleted)."""
+    """A store notification: task `task_id` now has version `version` (maybe a tombstone: the catalog
+    reads the version from the store)."""
 
     task_id: str
     version: int
-    deleted: bool
 
 
 class TaskStore(ABC):

@@ -77,12 +77,9 @@ class HeadCache(ByteBudgetLRU[Head]):
 
     def head(self, entry: TaskEntry) -> Head:
         """The entry's head, from the cache or loaded (may block on the store; raises Superseded)."""
-        head = self.get(entry.digest)
-        if head is not None:
-            return head
+        return self.get_or_load(entry.digest, lambda: self._load(entry))
+
+    def _load(self, entry: TaskEntry) -> Head:
         if self.load is None:
             raise Superseded(f"no head for task {entry.task_id!r} version {entry.version} and no loader")
-        self.note_miss()
-        head = self.load(entry)
-        self.put(entry.digest, head)
-        return head
+        return self.load(entry)
