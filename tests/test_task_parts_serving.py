@@ -89,8 +89,17 @@ def test_edited_tasks_serve_as_they_train_and_leave_other_tasks_bit_exact(
     # the edited task serves what its training model computes (forward hooks on the plain reparam model)
     model = TextTaskModel.from_artifact(backbone, default_bank, edited)
     want = model.logits(texts, max_length=MAX_LENGTH)
-    tolerance = {torch.float32: 1e-3, torch.bfloat16: 0.15}[dtype]
-    assert float((beside_edited[1] - want).abs().max()) < tolerance
+    error = float((beside_edited[1] - want).abs().max())
+    if dtype == torch.float32:
+        assert error < 1e-3
+    else:  # bf16 rounding, not the edit, sets the error: the twin's own gap to its fp32 model is the floor
+        twin_model = TextTaskModel.from_artifact(backbone, default_bank, twin)
+        twin_want = twin_model.logits(texts, max_length=MAX_LENGTH)
+        floor = float((beside_twin[1] - twin_want).abs().max())
+        effect = float((want - twin_want).abs().max())
+        assert error < max(2 * floor, 0.05), (error, floor)
+        # an edit served wrongly would be off by about its effect
+        assert error < 0.25 * effect, (error, effect)
     assert model.export({}).to_bytes() != twin.to_bytes()
     exported = model.export({})
     if pooled:
