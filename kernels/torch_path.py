@@ -99,7 +99,8 @@ class TorchPath:
                 continue
             run = self._variant(name, x, segments, templates, coeffs, bias)
             runs[name] = run if scale is None and shift is None else _then_affine(run, segments, scale, shift)
-        return self.chooser.run(kind_of(x, templates, segments.count), runs)
+        affine = scale is not None or shift is not None  # brgemm fuses it, the others add a pass
+        return self.chooser.run(kind_of(x, templates, segments.count, affine), runs)
 
     def _brgemm(
         self,
