@@ -80,6 +80,22 @@ def _train(
 
 
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+DEFAULT_LIMITS = {"max_inputs": 256, "max_input_chars": 4096}  # a server's defaults
+
+
+def _limits(schema: Any) -> dict[str, int]:
+    """What a server's OpenAPI schema says a predict request may hold: `max_inputs` texts of at most
+    `max_input_chars` characters (the server defaults where it says nothing)."""
+    try:
+        inputs = schema["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]
+        found = {"max_inputs": inputs.get("maxItems"), "max_input_chars": inputs["items"].get("maxLength")}
+    except (KeyError, TypeError, AttributeError):
+        found = {}
+    limits = dict(DEFAULT_LIMITS)
+    for name, value in found.items():
+        if isinstance(value, int) and value >= 1:
+            limits[name] = value
+    return limits
 
 
 def _result(response: httpx.Response) -> Any:
@@ -219,6 +235,10 @@ class Client(_Base):
         result: dict[str, Any] = self._send(_Call("GET", "/v1/backbone"))
         return result
 
+    def predict_limits(self) -> dict[str, int]:
+        """`max_inputs` (texts per predict request) and `max_input_chars` (characters per text)."""
+        return _limits(self._send(_Call("GET", "/openapi.json")))
+
     def ready(self) -> bool:
         try:
             self._send(_Call("GET", "/readyz"))
@@ -333,6 +353,10 @@ class AsyncClient(_Base):
     async def backbone(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._send(_Call("GET", "/v1/backbone"))
         return result
+
+    async def predict_limits(self) -> dict[str, int]:
+        """`max_inputs` (texts per predict request) and `max_input_chars` (characters per text)."""
+        return _limits(await self._send(_Call("GET", "/openapi.json")))
 
     async def ready(self) -> bool:
         try:
