@@ -25,6 +25,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.texts = Counter(
+            "recast_texts",
+            "texts answered by batched forwards, by what was asked (classify, embed)",
+            ["kind"],
+            registry=r,
+        )
         self.batch_texts = Histogram(
             "recast_batch_texts", "texts per encoder forward", buckets=BATCH_BUCKETS, registry=r
         )

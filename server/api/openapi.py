@@ -75,7 +75,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def install(app: FastAPI, max_inputs: int, max_input_chars: int) -> None:
     """Serve the schema as the server behaves: FastAPI's 422 removed, task ids with their pattern, predict
-    inputs bounded by this server's limits."""
+    and embeddings inputs bounded by this server's limits."""
     generate: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -105,6 +105,13 @@ def _as_served(schema: dict[str, Any], max_inputs: int, max_input_chars: int) ->
     if inputs is not None:
         inputs |= {"minItems": 1, "maxItems": max_inputs}
         inputs["items"] = inputs.get("items", {}) | {"maxLength": max_input_chars}
+    embedded = components.get("EmbeddingsRequest", {}).get("properties", {}).get("input", {})
+    for option in embedded.get("anyOf", []):  # one text, or a list of texts
+        if option.get("type") == "string":
+            option["maxLength"] = max_input_chars
+        elif option.get("type") == "array":
+            option |= {"minItems": 1, "maxItems": max_inputs}
+            option["items"] = option.get("items", {}) | {"maxLength": max_input_chars}
 
 
 def _not_nullable(parameter: dict[str, Any]) -> None:

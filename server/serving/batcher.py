@@ -1,6 +1,7 @@
 """Cross-task dynamic batching: requests of any tasks and tenants wait briefly, then run in one forward.
 
     outputs = await batcher.submit(request)      (awaited by the request handler)
+    vectors = await batcher.embed(request)       (an embed request: its (texts, H) unit embeddings)
 
 A batch closes when it holds `max_batch_texts` texts, or `max_batch_tokens` tokens counted after padding
 (texts x the longest text, for requests tokenized at the edge), or its oldest request has waited
@@ -34,11 +35,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from recast_core.task_model import Prediction
 from server.errors import NotReady, Overloaded, ServerError
 from server.ids import split_stored_id
 from server.metrics import Metrics
-from server.serving.predictor import Result, TaskRequest
+from server.serving.predictor import Answer, Result, TaskRequest
 
 log = logging.getLogger("server.batcher")  # the logger name of its lines as they always were
 __all__ = ["Batcher", "Forward", "Result"]
@@ -50,7 +53,7 @@ QUEUE_HARD_CAP = 2  # the whole queue never exceeds this many times max_queue_te
 class _Pending:
     request: TaskRequest
     tenant: str
-    future: asyncio.Future[list[Prediction]]
+    future: asyncio.Future[Answer]
     enqueued: float
 
     @property
@@ -118,12 +121,26 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, request: TaskRequest) -> list[Prediction]:
+        """A classify request's predictions, in input order."""
+        answer = await self._queued(request)
+        if not isinstance(answer, list):
+            raise ServerError(f"a {request.kind} request was answered with {type(answer).__name__}")
+        return answer
+
+    async def embed(self, request: TaskRequest) -> torch.Tensor:
+        """An embed request's (texts, H) float32 L2-normalised embeddings, in input order."""
+        answer = await self._queued(request)
+        if not isinstance(answer, torch.Tensor):
+            raise ServerError(f"a {request.kind} request was answered with {type(answer).__name__}")
+        return answer
+
+    async def _queued(self, request: TaskRequest) -> Answer:
         if self._closed:
             raise NotReady("the server is shutting down", retry_after=1)
         tenant = split_stored_id(request.entry.task_id)[0]
         texts = len(request.texts)
         self._admit(tenant, texts)
-        future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(tenant, deque()).append(_Pending(request, tenant, future, time.monotonic()))
         self._tenant_texts[tenant] = self._tenant_texts.get(tenant, 0) + texts
         self._pending_texts += texts
@@ -255,6 +272,8 @@ class Batcher:
         self._seconds_per_text = 0.8 * self._seconds_per_text + 0.2 * seconds / max(1, texts)
         if self.metrics is not None:
             self.metrics.batch_texts.observe(texts)
+            for r in batch:
+                self.metrics.texts.labels(r.request.kind).inc(r.texts)
             self.metrics.batch_tasks.observe(len({r.request.entry.cache_key for r in batch}))
             self.metrics.forward_seconds.observe(seconds)
         for r, result in zip(batch, results, strict=True):

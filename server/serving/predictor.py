@@ -3,6 +3,11 @@
     ids = predictor.encode(texts)                  at the edge, per request (the tokenizer runs there)
     results = predictor.predict(requests)          per batch: one result per request, in order
 
+A request's `kind` says what it asks for: "classify", its task's predictions, or "embed", the pooled
+embeddings its task's head would read, L2-normalised; both kinds share the batch's one forward.
+`predictor.backbone_request(...)` embeds with the plain backbone: the identity task, whose coefficients
+are the bank's base coefficients (they compose the backbone's own weights).
+
 A batch's texts are sorted by length and, where that saves at least a quarter of the padded tokens, run
 as two or more length groups (`length_groups`), so padding stays small. The embeddings of every group
 stay on the device; the heads of all the batch's tasks run as one matmul against their concatenated
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from kernels import Kernels
 from recast_core.backbone import DEFAULT_MAX_LENGTH, TextBackbone
@@ -26,24 +33,28 @@ from recast_core.bank import TemplateBank
 from recast_core.multitask import MultiTaskEncoder
 from recast_core.task_model import Prediction, predictions
 from server.errors import BadInput, ServerError
-from server.ids import split_stored_id
+from server.ids import qualify, split_stored_id
 from server.tasks.heads import Head
 from server.tasks.registry import TaskEntry
 
 log = logging.getLogger("server.predictor")  # the logger name of its lines as they always were
 MIN_GROUP = 8  # texts: a length group smaller than this is not worth its own forward
 MIN_SAVING = 0.25  # share of the padded tokens a split must save
+BACKBONE_ID = "backbone"  # the identity task's id (in logs; its cache key cannot be a task's digest)
+RequestKind = Literal["classify", "embed"]
 
 
 @dataclass(frozen=True)
 class TaskRequest:
     """Texts for one task version, with that version's head (both taken together when the request came),
-    and the texts' token ids when they were tokenized at the edge (else the forward tokenizes them)."""
+    the texts' token ids when they were tokenized at the edge (else the forward tokenizes them), and what
+    the request asks for: the task's predictions ("classify") or its embeddings ("embed")."""
 
     entry: TaskEntry
     head: Head
     texts: Sequence[str]
     tokens: Sequence[Sequence[int]] | None = None
+    kind: RequestKind = "classify"
 
     @property
     def longest(self) -> int | None:
@@ -51,22 +62,25 @@ class TaskRequest:
         return None if self.tokens is None else max((len(ids) for ids in self.tokens), default=0)
 
 
-Result = list[Prediction] | BaseException  # one request's answer: its outputs, or the error it alone caused
+# a classify request's predictions, or an embed request's (texts, H) float32 unit rows on the host
+Answer = list[Prediction] | torch.Tensor
+Result = Answer | BaseException  # one request's answer, or the error it alone caused
 
 
-def check_texts(texts: Sequence[str], max_inputs: int, max_chars: int) -> None:
-    """1..max_inputs texts of at most max_chars characters, each encodable (BadInput names the index)."""
+def check_texts(texts: Sequence[str], max_inputs: int, max_chars: int, field: str = "inputs") -> None:
+    """1..max_inputs texts of at most max_chars characters, each encodable (BadInput names the field and
+    the index)."""
     if not 1 <= len(texts) <= max_inputs:
-        raise BadInput(f"inputs must hold 1 to {max_inputs} texts, got {len(texts)}")
+        raise BadInput(f"{field} must hold 1 to {max_inputs} texts, got {len(texts)}")
     for i, text in enumerate(texts):
         if len(text) > max_chars:
-            raise BadInput(f"inputs[{i}] has {len(text)} characters; the limit is {max_chars}")
+            raise BadInput(f"{field}[{i}] has {len(text)} characters; the limit is {max_chars}")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate (JSON allows "\ud800"): not text
             raise BadInput(
-                f"inputs[{i}] is not valid Unicode text: a lone surrogate (U+{ord(text[exc.start]):04X}) at "
-                f"character {exc.start}"
+                f"{field}[{i}] is not valid Unicode text: a lone surrogate (U+{ord(text[exc.start]):04X}) "
+                f"at character {exc.start}"
             ) from None
 
 
@@ -111,6 +125,26 @@ class Predictor:
         self.device, self.dtype = kernels.device, dtype
         self.encoder = MultiTaskEncoder(backbone, bank, kernels, dtype)
         self.pad_id = int(getattr(backbone.tokenizer, "pad_token_id", 0) or 0)
+        self.identity = TaskEntry(  # the plain backbone as a task: the base coefficients, no head
+            task_id=BACKBONE_ID,
+            version=0,
+            coefficients=self.encoder.base_coefficients,
+            labels=(),
+            head_parameters=0,
+            size_bytes=0,
+            updated="",
+            digest=f"backbone:{bank.fingerprint}",
+            created="",
+            bank_fingerprint=bank.fingerprint,
+        )
+        self.no_head = Head(torch.zeros(0, backbone.hidden_size), torch.zeros(0))
+
+    def backbone_request(
+        self, tenant: str, texts: Sequence[str], tokens: Sequence[Sequence[int]] | None = None
+    ) -> TaskRequest:
+        """An embed request of `tenant` for the plain backbone's mean-pooled sentence embeddings."""
+        entry = replace(self.identity, task_id=qualify(tenant, BACKBONE_ID))  # queued as the tenant's
+        return TaskRequest(entry, self.no_head, texts, tokens, kind="embed")
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to max_length (BadInput if the tokenizer cannot take one)."""
@@ -182,13 +216,16 @@ class Predictor:
         logits, classes = self._logits(requests)
         return self._split(requests, torch.softmax(logits, dim=-1).cpu(), classes)
 
-    def _logits(self, requests: Sequence[TaskRequest]) -> tuple[torch.Tensor, list[int]]:
+    def _logits(
+        self, requests: Sequence[TaskRequest], embeddings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """(N, C_max) float32 logits on the device (columns past a row's own classes are -inf), and the
-        class count of each request."""
+        class count of each request; from the requests' (N, H) float32 `embeddings` when given."""
         classes = [r.head.classes for r in requests]
         if not any(r.texts for r in requests):
             return torch.zeros(0, max(classes, default=0), device=self.device), classes
-        embeddings = self.embeddings(requests).to(torch.float32)  # (N, H)
+        if embeddings is None:
+            embeddings = self.embeddings(requests).to(torch.float32)  # (N, H)
         heads: dict[str, int] = {}  # digest -> its position among the batch's distinct heads
         for r in requests:
             heads.setdefault(r.entry.cache_key, len(heads))
@@ -229,17 +266,50 @@ class Predictor:
             self.encoder(ids[:1], mask[:1], torch.tensor([0]), table[:1])
 
     def predict(self, requests: Sequence[TaskRequest]) -> list[Result]:
-        """Each request's outputs, or the error it alone caused (scores are always finite numbers)."""
+        """Each request's answer (predictions or embeddings, as its kind asks), or the error it alone
+        caused (scores and embeddings are always finite numbers)."""
+        if all(r.kind == "classify" for r in requests):
+            return self._classified(requests, self.probabilities(requests))
+        width = self.backbone.hidden_size
+        if any(r.texts for r in requests):
+            pooled = self.embeddings(requests).to(torch.float32)  # (N, H): one forward for both kinds
+        else:
+            pooled = torch.zeros(0, width, device=self.device)
+        ends = torch.tensor([len(r.texts) for r in requests]).cumsum(0).tolist()
+        spans = [range(end - len(r.texts), end) for r, end in zip(requests, ends, strict=True)]
+
+        def of_kind(kind: RequestKind) -> tuple[list[int], list[TaskRequest], torch.Tensor]:
+            """The positions of the requests of `kind`, those requests, and their (rows, H) embeddings."""
+            chosen = [i for i, r in enumerate(requests) if r.kind == kind]
+            index = torch.tensor([row for i in chosen for row in spans[i]], dtype=torch.int64)
+            return chosen, [requests[i] for i in chosen], pooled.index_select(0, index.to(pooled.device))
+
+        results: list[Result | None] = [None] * len(requests)
+        positions, classify, features = of_kind("classify")
+        if classify:
+            logits, classes = self._logits(classify, features)
+            probabilities = self._split(classify, torch.softmax(logits, dim=-1).cpu(), classes)
+            for i, result in zip(positions, self._classified(classify, probabilities), strict=True):
+                results[i] = result
+        positions, embed, vectors = of_kind("embed")
+        unit = F.normalize(vectors, dim=-1).cpu()  # (rows, H) unit rows, one copy to the host
+        for i, r, rows in zip(positions, embed, self._split(embed, unit, [width] * len(embed)), strict=True):
+            results[i] = rows if bool(torch.isfinite(rows).all()) else self._non_finite(r, "embeddings")
+        return [result for result in results if result is not None]
+
+    def _non_finite(self, request: TaskRequest, what: str) -> ServerError:
+        """The error of a request whose task produced non-finite `what` (logged once)."""
+        entry = request.entry
+        log.error(f"non-finite {what}", extra={"task_id": entry.task_id, "version": entry.version})
+        task = split_stored_id(entry.task_id)[1]
+        return ServerError(f"task {task!r} produced non-finite {what}; see the server log")
+
+    def _classified(self, requests: Sequence[TaskRequest], probabilities: list[torch.Tensor]) -> list[Result]:
+        """Each classify request's predictions from its probabilities (an error if any is not finite)."""
         results: list[Result] = []
-        for r, probs in zip(requests, self.probabilities(requests), strict=True):
+        for r, probs in zip(requests, probabilities, strict=True):
             if not bool(torch.isfinite(probs).all()):
-                results.append(
-                    ServerError(
-                        f"task {split_stored_id(r.entry.task_id)[1]!r} produced non-finite scores; "
-                        "see the server log"
-                    )
-                )
-                log.error("non-finite scores", extra={"task_id": r.entry.task_id, "version": r.entry.version})
+                results.append(self._non_finite(r, "scores"))
                 continue
             results.append(predictions(probs, r.entry.labels))
         return results
