@@ -21,7 +21,8 @@ from starlette.routing import Match
 
 from server.api.middleware import BodyLimit, RequestContext, server_error_in
 from server.api.openapi import install as install_openapi
-from server.api.routes import jobs, ops, predict, tasks
+from server.api.oip import error_body
+from server.api.routes import jobs, ops, predict, tasks, v2
 from server.api.routes.console import install as install_console
 from server.errors import (
     BadInput,
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.recast = state
     app.router.redirect_slashes = False  # a redirect would echo the Host header; /v1/tasks/ is a typed 404
-    for routes in (tasks, predict, ops, jobs):
+    for routes in (tasks, predict, ops, jobs, v2):
         app.include_router(routes.router)
     install_console(app)
     install_openapi(app, settings.max_inputs, settings.max_input_chars)
@@ -106,17 +107,16 @@ def _metrics_port(settings: Settings, metrics: Metrics) -> WSGIServer | None:
     return server
 
 
-def _error_response(error: ServerError, request_id: str | None = None) -> JSONResponse:
-    headers = error.headers()
-    if request_id:
-        headers["X-Request-ID"] = request_id
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def _error_response(error: ServerError, request: Request) -> JSONResponse:
+    """`error` as its body (the Open Inference Protocol's `{"error"}` on /v2), status and headers."""
+    body = error_body(request.url.path, error)
+    return JSONResponse(body, status_code=error.status, headers=error.headers())
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServerError)
-        return _error_response(exc)
+        return _error_response(exc, request)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -124,25 +124,25 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
             for err in exc.errors()
         )
-        return _error_response(BadInput(f"invalid request: {problems}"))
+        return _error_response(BadInput(f"invalid request: {problems}"), request)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         known = server_error_in(exc)  # e.g. PayloadTooLarge raised while FastAPI read the body
         if known is not None:
-            return _error_response(known)
+            return _error_response(known, request)
         if exc.status_code == 400:
-            return _error_response(BadInput(str(exc.detail)))
+            return _error_response(BadInput(str(exc.detail)), request)
         if exc.status_code == 404:
-            return _error_response(NotFound(f"no route {request.method} {request.url.path}"))
+            return _error_response(NotFound(f"no route {request.method} {request.url.path}"), request)
         if exc.status_code == 413:
-            return _error_response(PayloadTooLarge("request body too large"))
+            return _error_response(PayloadTooLarge("request body too large"), request)
         if exc.status_code == 405:
             not_allowed = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-            response = _error_response(not_allowed)
+            response = _error_response(not_allowed, request)
             response.headers["Allow"] = _allowed_methods(request)  # RFC 9110: a 405 names what is allowed
             return response
-        return _error_response(_typed(exc.status_code, str(exc.detail)))
+        return _error_response(_typed(exc.status_code, str(exc.detail)), request)
 
     app.add_exception_handler(ServerError, server_error)
     app.add_exception_handler(RequestValidationError, validation_error)

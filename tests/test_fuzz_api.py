@@ -9,6 +9,7 @@ artifacts, so predict, get, delete and upload reach their success paths as well 
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections import Counter
@@ -41,11 +42,15 @@ UPLOAD, DELETE = "PUT /v1/tasks/{task_id}", "DELETE /v1/tasks/{task_id}"
 PROBE = ["Who wrote Hamlet?", "free entry in a weekly prize draw"]
 MAX_LENGTH = 16  # tokens per text on the fuzzed server: keeps each forward cheap
 MAX_EXAMPLES = 50  # per operation and generation mode in the fuzzing phase (coverage adds its fixed cases)
+V2_EXAMPLES = 15  # likewise for each Open Inference Protocol operation
 DEADLINE = 45.0  # seconds: a run still going then is stopped (the budget above needs about half)
 SEED = 6
 REJECTIONS = ["400", "401", "403", "404", "405", "409", "413", "415", "422", "429"]
 ACCEPTANCE = ["200", "201", "202", "401", "403", "404", "409", "422", "429"]
 TRAIN = "POST /v1/tasks/{task_id}/train"
+# Open Inference Protocol inference: a tensor's shape must agree with its elements and binary data with the
+# header's sizes, which no schema can say
+INFER = ("POST /v2/models/{task_id}/infer", "POST /v2/models/{task_id}/versions/{version}/infer")
 
 
 AnyCase = Case[Any]
@@ -143,10 +148,14 @@ def _live_schema(live: LiveServer, headers: dict[str, str]) -> OpenApiSchema:
             # body with its columns): a schema-valid body may be bad data, answered 400 naming the row
             "operations": [
                 {
-                    "include-name": TRAIN,
+                    "include-name": name,
                     "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTANCE, "400"]}},
                 }
-            ],
+                for name in (TRAIN, *INFER)
+            ]
+            # the /v2 operations answer from one task lookup and share their code with each other and with
+            # /v1: fewer examples each keeps the run within its deadline
+            + [{"include-path-regex": "^/v2", "generation": {"max-examples": V2_EXAMPLES}}],
         }
     )
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json", config=config)
@@ -159,11 +168,18 @@ def _live_schema(live: LiveServer, headers: dict[str, str]) -> OpenApiSchema:
         ids: st.SearchStrategy[str | None] = st.none()
         if "task_id" in (case.path_parameters or {}) and not (meta and meta.is_negative_at(Location.PATH)):
             ids = st.sampled_from((None, *SEEDED))
-        bodies: st.SearchStrategy[bytes | None] = st.none()
-        if case.operation.label == UPLOAD and not (meta and meta.is_negative_at(Location.BODY)):
+        bodies: st.SearchStrategy[Any] = st.none()
+        valid_body = not (meta and meta.is_negative_at(Location.BODY))
+        if case.operation.label == UPLOAD and valid_body:
             bodies = st.sampled_from((None, *uploads))
+        if case.operation.label in INFER and valid_body:  # a request of the model's own input
+            tensors = {
+                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(PROBE)], "data": PROBE}]
+            }
+            inference = tensors if "json" in (case.media_type or "") else json.dumps(tensors).encode()
+            bodies = st.sampled_from((None, inference))
 
-        def apply(choice: tuple[str | None, bytes | None]) -> AnyCase:
+        def apply(choice: tuple[str | None, Any]) -> AnyCase:
             task_id, body = choice
             if task_id is not None:
                 case.path_parameters = {**case.path_parameters, "task_id": task_id}
@@ -237,6 +253,7 @@ def test_every_documented_operation_answers_as_documented(
             assert run.reached(label, 200), f"no generated request reached a seeded task: {label}"
         assert run.reached(tasks, 200) and run.reached(predict, 400) and run.reached(f"GET {task}", 404)
         if with_key:
+            assert run.reached(INFER[0], 200) and run.reached(INFER[0], 400), "no inference reached a task"
             assert run.reached(f"PUT {task}", 422), "no generated upload was rejected as an artifact"
             assert run.reached(f"PUT {task}", 200) or run.reached(f"PUT {task}", 201), "no upload succeeded"
             assert run.reached(f"DELETE {task}", 200), "no delete reached a seeded task"
@@ -275,6 +292,9 @@ def test_the_schema_documents_typed_errors_and_no_validation_422(live: LiveServe
                 if int(status) < 400:
                     continue
                 body = response["content"]["application/json"]["schema"]
+                if path.startswith("/v2"):  # the Open Inference Protocol's error body
+                    assert body["required"] == ["error"] and set(body["properties"]) == {"error"}
+                    continue
                 assert {"error", "error_type"} <= set(body["required"]), (method, path, status)
                 assert set(body["properties"]["error_type"]["enum"]) == vocabulary[int(status)]
     upload = schema["paths"]["/v1/tasks/{task_id}"]["put"]

@@ -71,6 +71,10 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "access_log": False,
         "timeout_graceful_shutdown": 30,
         "http": protocol,
+        # the asyncio loop and no WebSocket protocol whatever else is installed: uvicorn's "auto" would
+        # switch to uvloop and the websockets library where a client package (kserve) pulled them in
+        "loop": "asyncio",
+        "ws": "none",
         "lifespan": "on",
     }
     return uvicorn.Config(app, **(values | overrides))

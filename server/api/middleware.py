@@ -17,13 +17,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.oip import error_body
 from server.errors import PayloadTooLarge, ServerError
 from server.metrics import Metrics
 
 log = logging.getLogger("server.app")
 access = logging.getLogger("server.access")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # others: "other"
-QUIET = frozenset({"/metrics", "/healthz", "/readyz"})  # probes and scrapes: counted, not logged
+# probes and scrapes: counted, not logged
+QUIET = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 REQUEST_ID = b"x-request-id"
 
 
@@ -97,7 +99,7 @@ class RequestContext:
             if error is None:  # a bug: answer a typed 500 and keep serving
                 log.exception("unhandled error", extra=self._where(scope, request_id))
                 error = ServerError("internal error; see the server log")
-            await send_error(send_with_id, error)
+            await send_error(send_with_id, error, scope["path"])
         finally:
             self._record(scope, request_id, status, time.perf_counter() - start)
 
@@ -126,9 +128,10 @@ class RequestContext:
         access.info("request", extra=fields)
 
 
-async def send_error(send: Send, error: ServerError) -> None:
-    """Answer `error` as its typed JSON body, status and headers (before any response was started)."""
-    body = json.dumps(error.body()).encode()
+async def send_error(send: Send, error: ServerError, path: str) -> None:
+    """Answer `error` to a request for `path` as its JSON body (typed; the Open Inference Protocol's on
+    /v2), status and headers (before any response was started)."""
+    body = json.dumps(error_body(path, error)).encode()
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()]
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -152,7 +155,7 @@ class BodyLimit:
             error = PayloadTooLarge(
                 f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}"
             )
-            await send_error(send, error)
+            await send_error(send, error, scope["path"])
             return
         seen = 0
 

@@ -8,9 +8,12 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from recast_core.task_model import Prediction
 from server.api.deps import BatcherDep, PredictCaller, RuntimeDep, stored_id_of
 from server.api.openapi import error_responses
 from server.errors import NotReady
+from server.runtime import Runtime
+from server.serving.batcher import Batcher
 from server.serving.predictor import TaskRequest, check_texts
 from server.tasks.heads import Head
 from server.tasks.registry import TaskEntry
@@ -44,25 +47,33 @@ async def predict(
     task_id: str, body: PredictRequest, caller: PredictCaller, runtime: RuntimeDep, batcher: BatcherDep
 ) -> PredictResponse:
     """Classify 1..RECAST_MAX_INPUTS texts with the task's current version; outputs in input order."""
+    entry, outputs = await classify(runtime, batcher, stored_id_of(caller, task_id), body.inputs)
+    return PredictResponse(
+        task_id=task_id,
+        version=entry.version,
+        outputs=[Output(label=o.label, scores=o.scores) for o in outputs],
+    )
+
+
+async def classify(
+    runtime: Runtime, batcher: Batcher, stored_id: str, texts: list[str]
+) -> tuple[TaskEntry, list[Prediction]]:
+    """The task's current version and its predictions for `texts` (checked against the server's limits),
+    through the cross-task batcher; the API versions that classify (/v1 predict, /v2 infer) share it."""
     settings = runtime.settings
-    stored_id = stored_id_of(caller, task_id)
-    check_texts(body.inputs, settings.max_inputs, settings.max_input_chars)
+    check_texts(texts, settings.max_inputs, settings.max_input_chars)
     registry = runtime.registry
     entry = registry.get(stored_id)  # this version (and its head) answers the whole request
     head = registry.heads.get(entry.digest)
     if head is None:  # evicted under the memory budget: read back from the store, off the event loop
         resolved: tuple[TaskEntry, Head] = await run_in_threadpool(registry.resolve, stored_id)
         entry, head = resolved
-    tokens = await run_in_threadpool(runtime.predictor.encode, body.inputs)  # at the edge, off the loop
+    tokens = await run_in_threadpool(runtime.predictor.encode, texts)  # at the edge, off the loop
     try:
-        work = TaskRequest(entry, head, body.inputs, tokens)
+        work = TaskRequest(entry, head, texts, tokens)
         outputs = await asyncio.wait_for(batcher.submit(work), settings.request_timeout_s)
     except TimeoutError:
         raise NotReady(
             f"no answer within {settings.request_timeout_s} s; retry later", retry_after=1
         ) from None
-    return PredictResponse(
-        task_id=task_id,
-        version=entry.version,
-        outputs=[Output(label=o.label, scores=o.scores) for o in outputs],
-    )
+    return entry, outputs
