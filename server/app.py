@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server.api.middleware import BodyLimit, RequestContext, server_error_in
-from server.api.openapi import install as install_openapi
 from server.api.oip import error_body
+from server.api.openapi import install as install_openapi
 from server.api.routes import jobs, ops, predict, tasks, v2
 from server.api.routes.console import install as install_console
 from server.errors import (
