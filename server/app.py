@@ -22,7 +22,7 @@ from starlette.routing import Match
 from server.api.middleware import BodyLimit, RequestContext, server_error_in
 from server.api.oip import error_body
 from server.api.openapi import install as install_openapi
-from server.api.routes import jobs, ops, predict, tasks, v2
+from server.api.routes import embeddings, jobs, ops, predict, tasks, v2
 from server.api.routes.console import install as install_console
 from server.errors import (
     BadInput,
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.recast = state
     app.router.redirect_slashes = False  # a redirect would echo the Host header; /v1/tasks/ is a typed 404
-    for routes in (tasks, predict, ops, jobs, v2):
+    for routes in (tasks, predict, embeddings, ops, jobs, v2):
         app.include_router(routes.router)
     install_console(app)
     install_openapi(app, settings.max_inputs, settings.max_input_chars)
