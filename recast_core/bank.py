@@ -1,13 +1,14 @@
 """TemplateBank: the shared templates of every (group, kind), the base coefficients, and a fingerprint.
 
 On disk a bank is a directory holding `bank.safetensors` (templates and base coefficients, with the
-config, layout, backbone fingerprint and bank fingerprint as metadata) and `mimicry.json` (the report).
+config, layout, backbone fingerprint and bank fingerprint as metadata, and the backbone's name and family
+for error messages) and `mimicry.json` (the report).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ class TemplateBank:
     """Templates per (group, kind), each `(n, out, in)` or `(n, out, in, kh, kw)`, and base coefficients.
 
     base_coefficients is `(M, K, n)` in the plan's canonical slot order (kinds in config order, layers
-    ascending). The fingerprint covers config, layout, backbone fingerprint and every tensor.
+    ascending). The fingerprint covers config, layout, backbone fingerprint and every tensor; the backbone's
+    name and family (empty in banks saved before they were recorded) only describe it.
     """
 
     config: RecastConfig
@@ -45,6 +47,8 @@ class TemplateBank:
     base_coefficients: torch.Tensor
     backbone_fingerprint: str
     fingerprint: str
+    backbone_name: str = ""
+    backbone_family: str = ""
 
     @classmethod
     def create(
@@ -65,6 +69,10 @@ class TemplateBank:
             backbone_fingerprint=backbone_fingerprint,
             fingerprint=_fingerprint(config, layout, templates, base, backbone_fingerprint),
         )
+
+    def with_backbone(self, name: str, family: str) -> TemplateBank:
+        """This bank recording the name and family of the backbone it was made from."""
+        return replace(self, backbone_name=name, backbone_family=family)
 
     @property
     def num_slots(self) -> int:
@@ -93,6 +101,8 @@ class TemplateBank:
             "backbone_fingerprint": self.backbone_fingerprint,
             "fingerprint": self.fingerprint,
         }
+        if self.backbone_name:
+            metadata |= {"backbone": self.backbone_name, "backbone_family": self.backbone_family}
         target = directory / BANK_FILE
         write_atomic(target, save(tensors, metadata=metadata))
         return target
@@ -148,7 +158,7 @@ def load_bank(directory: Path) -> TemplateBank:
             f"template bank {path} is corrupt: content fingerprint {bank.fingerprint[:16]}... "
             f"does not match the stored {stored_fp[:16]}..."
         )
-    return bank
+    return bank.with_backbone(metadata.get("backbone", ""), metadata.get("backbone_family", ""))
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> Path:

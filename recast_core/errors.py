@@ -27,6 +27,10 @@ class BankError(RecastError):
     """A template bank on disk is missing, corrupt, or does not belong to the given backbone."""
 
 
+class BackboneError(RecastError):
+    """A backbone directory cannot be loaded, or its model family is not one the project knows."""
+
+
 class DataError(RecastError, ValueError):
     """Labelled data cannot be used (missing column, one class, empty file, bad encoding, ...)."""
 

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from kernels import Kernels, Segments, segments_of
-from recast_core.backbone import SentenceEncoder, TextBackbone, mean_pool
+from recast_core.backbone import SentenceEncoder, TextBackbone
 from recast_core.bank import TemplateBank
 from recast_core.errors import PlanError
 from recast_core.ffn_edit import EDITED_KIND, edit_shape
 from recast_core.pooling import query_pool
 from recast_core.reparam import matching_plan
+from recast_core.sentence_pooling import pool_hidden
 
 
 @dataclass(eq=False)
@@ -157,7 +158,8 @@ class MultiTaskEncoder(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         model.to(device=self.device, dtype=dtype)
-        self.encoder = SentenceEncoder(model).eval()
+        self.pooling = backbone.pooling  # the embedding of a task without a query: mean, cls or max
+        self.encoder = SentenceEncoder(model, pooling=self.pooling).eval()
         self.num_modules = plan.num_slots
         self.num_edited_layers, self.edit_width = edits if edits is not None else (0, 0)
         self.num_templates = bank.num_templates
@@ -178,7 +180,7 @@ class MultiTaskEncoder(nn.Module):
     ) -> torch.Tensor:
         """(B, H) embeddings; sequence b uses coefficients[task_of_sequence[b]] ((S, M, n) table) and,
         when given, the per-channel scale and shift ((S, L, H) tables) of every layer's FFN output, and
-        the attention-pooling query ((S, H); a task's row of zeros: the mean pool, bit for bit)."""
+        the attention-pooling query ((S, H); a task's row of zeros: the backbone's pooling, bit for bit)."""
         m, n = self.num_modules, self.num_templates
         if coefficients.ndim != 3 or coefficients.shape[1:] != (m, n):
             raise ValueError(f"coefficients must be (S, {m}, {n}), got {tuple(coefficients.shape)}")
@@ -220,7 +222,7 @@ class MultiTaskEncoder(nn.Module):
             hidden = self.encoder.hidden(ids, mask)
         finally:
             self.router.batch = None
-        embeddings = mean_pool(hidden, mask)
+        embeddings = pool_hidden(hidden, mask, self.pooling)
         if pool_query is not None:
             queries = self._to_device(pool_query.to(torch.float32))[batch.sequence_slots]  # (B, H)
             pooled = queries.ne(0).any(dim=1)

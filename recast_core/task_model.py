@@ -56,7 +56,7 @@ def predictions(probabilities: torch.Tensor, labels: Sequence[str]) -> list[Pred
 
 class TextTaskModel(nn.Module):
     """encoder (a private copy of the backbone, reparameterized on `bank`, with the FFN edit when
-    `edit`) -> mean pooling (attention with a learned query when `pool`) -> head."""
+    `edit`) -> the backbone's pooling (attention with a learned query when `pool`) -> head."""
 
     def __init__(
         self,
@@ -71,7 +71,7 @@ class TextTaskModel(nn.Module):
         self.reparam: Reparameterized = reparameterize(copy.deepcopy(backbone.model), bank)
         self.edit = FfnEdit(self.reparam.model, self.reparam.plan) if edit else None
         self.pool = QueryPool(backbone.hidden_size) if pool else None
-        self.encoder = SentenceEncoder(self.reparam.model, self.pool)
+        self.encoder = SentenceEncoder(self.reparam.model, self.pool, backbone.pooling)
         self.head = nn.Linear(backbone.hidden_size, num_labels)
         self.labels: tuple[str, ...] = tuple(str(i) for i in range(num_labels))
         self.eval()

@@ -19,9 +19,10 @@ from kernels import Kernels
 from kernels.dispatch import select_path
 from recast_core.backbone import TextBackbone, load_text_backbone
 from recast_core.bank import BANK_FILE, TemplateBank, load_bank, write_report
-from recast_core.config import minilm_config
+from recast_core.bank_fit import check_bank_fits
 from recast_core.device import DeviceError, dtype_name, resolve_device, resolve_dtype
 from recast_core.errors import BankError
+from recast_core.families import bank_config
 from recast_core.mimicry import mimic
 from recast_core.task_model import artifact_spec
 from server.errors import VersionConflict
@@ -63,19 +64,25 @@ class Runtime:
 
 
 def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
-    """The bank in `directory`; built with the default config (svd mimicry) and saved there if missing."""
+    """The bank in `directory`, checked against `backbone`; built with the backbone's default config (svd
+    mimicry) and saved there if missing."""
     if (directory / BANK_FILE).is_file():
-        return load_bank(directory)
+        bank = load_bank(directory)
+        check_bank_fits(bank, backbone, directory)
+        return bank
     log.info("no template bank yet: building the default one", extra={"bank": str(directory)})
     start = time.perf_counter()
-    result = mimic(backbone.model, minilm_config(), "svd", probe=backbone.probe(), progress=True)
+    result = mimic(backbone.model, bank_config(backbone), "svd", probe=backbone.probe(), progress=True)
+    built = result.bank.with_backbone(backbone.name, backbone.family)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        result.bank.save(staging)
-        write_report(staging, result.report.to_dict() | {"fingerprint": result.bank.fingerprint})
+        built.save(staging)
+        write_report(staging, result.report.to_dict() | {"fingerprint": built.fingerprint})
         if (directory / BANK_FILE).is_file():  # another process built it meanwhile: use theirs
-            return load_bank(directory)
+            bank = load_bank(directory)
+            check_bank_fits(bank, backbone, directory)
+            return bank
         if directory.exists():
             directory.rmdir()  # an empty leftover; a non-empty one is not ours to replace (raises)
         staging.rename(directory)
@@ -90,7 +97,7 @@ def load_or_build_bank(directory: Path, backbone: TextBackbone) -> TemplateBank:
             "seconds": round(time.perf_counter() - start, 2),
         },
     )
-    return result.bank
+    return built
 
 
 def _preload(catalog: TaskCatalog, task_id: str, path: Path) -> None:
@@ -124,7 +131,7 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         torch.set_num_threads(settings.threads)
     start = time.perf_counter()
     device, dtype = serving_device(settings)
-    backbone = load_text_backbone()
+    backbone = load_text_backbone(settings.backbone)
     bank = load_or_build_bank(settings.bank, backbone)
     kernels = Kernels(device, path=settings.kernel)
     metrics.kernel.info(
@@ -166,6 +173,7 @@ def start_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             keep_finished=settings.job_keep_finished,
             keep_seconds=settings.job_keep_days * 86_400,
             metrics=metrics,
+            backbone_dir=settings.backbone,
         )
         predictor.warm_up()
     except BaseException:  # a failed start releases everything it had started, in reverse order

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="also serve /metrics on this port, apart from the API"
     )
+    backbone: Path | None = Field(
+        default=None,
+        description="a local Hugging Face encoder directory to serve (default: the bundled all-MiniLM-L6-v2)",
+    )
     bank: Path = Field(
         default=DEFAULT_HOME / "bank", description="template bank directory (built here if missing)"
     )

@@ -71,9 +71,11 @@ class JobManager:
         stale_after: float = STALE_AFTER,
         keep_finished: int = KEEP_FINISHED,
         keep_seconds: float = KEEP_SECONDS,
+        backbone_dir: Path | None = None,
     ) -> None:
         self.store, self.catalog, self.metrics = store, catalog, metrics
         self.bank_dir, self.bank_fingerprint = bank_dir, bank_fingerprint
+        self.backbone_dir = backbone_dir  # None: the bundled MiniLM
         self.threads, self.nice, self.idle_priority = threads, nice, idle_priority
         self.worker, self.heartbeat, self.stale_after = worker, heartbeat, stale_after
         self.keep_finished, self.keep_seconds = keep_finished, keep_seconds
@@ -229,6 +231,7 @@ class JobManager:
             self.threads,
             self.nice,
             self.idle_priority,
+            self.backbone_dir,
         )
 
         def started(process: Any) -> None:

@@ -31,6 +31,7 @@ class WorkerSpec:
     threads: int
     nice: int
     idle_priority: bool  # Linux SCHED_IDLE: run only on CPU time nothing else wants
+    backbone_dir: Path | None = None  # the server's backbone; None: the bundled MiniLM
 
 
 def run(spec: WorkerSpec, conn: Connection) -> None:
@@ -75,7 +76,7 @@ def _train(spec: WorkerSpec, conn: Connection) -> Succeeded:
             conn.send(Progress(phase, done, total))
 
     progress("loading", 0, 1)
-    backbone = load_text_backbone()
+    backbone = load_text_backbone(spec.backbone_dir)
     bank = load_bank(spec.bank_dir)
     if bank.fingerprint != spec.bank_fingerprint:
         raise BankError(

@@ -25,6 +25,8 @@ async def backbone(caller: ReadCaller, runtime: RuntimeDep) -> dict[str, Any]:
     return {
         "model": runtime.backbone.name,
         "hidden_size": runtime.backbone.hidden_size,
+        "family": runtime.backbone.family,
+        "pooling": runtime.backbone.pooling,
         "bank": {
             "fingerprint": bank.fingerprint,
             "config": bank.config.to_dict(),
