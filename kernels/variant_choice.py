@@ -2,9 +2,9 @@
 
 A kind is what decides which variant wins: the layer's shape, the dtype, the batch's size and run
 length in powers of two, and whether rows carry a scale and shift (only some variants fuse it). The
-first call of a kind runs every candidate `trials` times, interleaved, on the real inputs (every
-candidate computes the same contract, so any of their results is the answer), keeps the fastest by its
-best time, and logs the choice; later calls of that kind run it alone.
+first call of a kind runs every candidate `trials` times, interleaved, on
+the real inputs (every candidate computes the same contract, so any of their results is the answer),
+keeps the fastest by its best time, and logs the choice; later calls of that kind run it alone.
 RECAST_CPU_VARIANT=<name> forces one variant wherever it applies (tests, and operators who measured).
 """
 
