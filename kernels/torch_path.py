@@ -99,8 +99,7 @@ class TorchPath:
                 continue
             run = self._variant(name, x, segments, templates, coeffs, bias)
             runs[name] = run if scale is None and shift is None else _then_affine(run, segments, scale, shift)
-        affine = scale is not None or shift is not None  # brgemm fuses it, the others add a pass
-        return self.chooser.run(kind_of(x, templates, segments.count, affine), runs)
+        return self.chooser.run(kind_of(x, templates, segments.count), runs)
 
     def _brgemm(
         self,

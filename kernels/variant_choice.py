@@ -1,8 +1,7 @@
 """Choosing a CPU variant by measurement: the first call of each kind times every candidate on its inputs.
 
-A kind is what decides which variant wins: the layer's shape, the dtype, the batch's size and run
-length in powers of two, and whether rows carry a scale and shift (only some variants fuse it). The
-first call of a kind runs every candidate `trials` times, interleaved, on
+A kind is what decides which variant wins: the layer's shape, the dtype, and the batch's size and run
+length in powers of two. The first call of a kind runs every candidate `trials` times, interleaved, on
 the real inputs (every candidate computes the same contract, so any of their results is the answer),
 keeps the fastest by its best time, and logs the choice; later calls of that kind run it alone.
 RECAST_CPU_VARIANT=<name> forces one variant wherever it applies (tests, and operators who measured).
@@ -48,18 +47,16 @@ class Kind:
     dtype: torch.dtype
     rows_log2: int
     run_log2: int
-    affine: bool = False
 
     def __str__(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         return (
             f"{self.in_features}->{self.out_features} n={self.templates} {dtype} "
-            f"rows~2^{self.rows_log2} run~2^{self.run_log2}" + (" +scale/shift" if self.affine else "")
+            f"rows~2^{self.rows_log2} run~2^{self.run_log2}"
         )
 
 
-def kind_of(x: torch.Tensor, templates: torch.Tensor, runs: int, affine: bool = False) -> Kind:
-    """The kind of a call on rows `x` in `runs` runs; `affine`: its rows carry a scale and shift."""
+def kind_of(x: torch.Tensor, templates: torch.Tensor, runs: int) -> Kind:
     rows = max(1, x.shape[0])
     return Kind(
         int(templates.shape[2]),
@@ -68,7 +65,6 @@ def kind_of(x: torch.Tensor, templates: torch.Tensor, runs: int, affine: bool = 
         x.dtype,
         int(math.log2(rows)),
         int(math.log2(max(1.0, rows / max(1, runs)))),
-        affine,
     )
 
 
