@@ -2,9 +2,10 @@
 
 A kind is what decides which variant wins: the layer's shape, the dtype, and the batch's size and run
 length in powers of two. Whether rows carry a scale and shift is deliberately not part of it: a task's
-rows then run the same variant, bit for bit, whatever its neighbours in the batch carry. The first call of a kind runs every candidate `trials` times, interleaved, on
-the real inputs (every candidate computes the same contract, so any of their results is the answer),
-keeps the fastest by its best time, and logs the choice; later calls of that kind run it alone.
+rows then run the same variant, bit for bit, whatever its neighbours in the batch carry. The first call
+of a kind runs every candidate `trials` times, interleaved, on the real inputs (every candidate computes
+the same contract, so any of their results is the answer), keeps the fastest by its best time, and logs
+the choice; later calls of that kind run it alone.
 RECAST_CPU_VARIANT=<name> forces one variant wherever it applies (tests, and operators who measured).
 """
 
