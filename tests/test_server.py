@@ -198,7 +198,9 @@ def test_every_error_answers_its_status_and_typed_body(
 
         _error(http.post("/v1/tasks/missing/predict", json={"inputs": ["x"]}), 404, "unknown_task")
         _error(http.get("/v1/tasks/missing"), 404, "unknown_task")
-        _error(http.get("/v2/anything"), 404, "not_found")
+        _error(http.get("/v3/anything"), 404, "not_found")
+        v2 = http.get("/v2/anything")  # the Open Inference Protocol's paths answer its own error shape
+        assert v2.status_code == 404 and list(v2.json()) == ["error"], v2.text
         _error(http.patch("/v1/tasks/t"), 405, "method_not_allowed")
         _error(http.post("/v1/tasks/t/predict", json={"inputs": []}), 400, "bad_input")
         _error(http.post("/v1/tasks/t/predict", json={"inputs": ["x"] * 9}), 400, "bad_input")
