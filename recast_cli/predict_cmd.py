@@ -71,9 +71,9 @@ class OfflineBackend:
         from recast_core.task_model import predictions
 
         for chunk in chunks:
-            good = [row for row in chunk if row.error is None and row.text is not None]
-            logits = self.model.logits([row.text for row in good if row.text is not None], OFFLINE_BATCH)
-            answers = predictions(torch.softmax(logits, dim=-1), self.classes)
+            good = [row for row in chunk if row.error is None]  # a row without an error has a text
+            logits = self.model.logits([str(row.text) for row in good], OFFLINE_BATCH) if good else None
+            answers = [] if logits is None else predictions(torch.softmax(logits, dim=-1), self.classes)
             by_line = {
                 row.line: Outcome(row, p.label, [p.scores[c] for c in self.classes])
                 for row, p in zip(good, answers, strict=True)
