@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recast_cli.logs import configure
+from recast_cli.predict_files import FORMATS as FILE_FORMATS
 from recast_client.errors import RecastClientError
 from recast_core.errors import RecastError
 from recast_core.train_options import CAPACITIES, POOLINGS, TrainOptions
@@ -26,11 +27,11 @@ class UsageError(Exception):
 def _cmd_mimic(args: argparse.Namespace) -> None:
     from recast_core.backbone import load_text_backbone
     from recast_core.bank import write_report
-    from recast_core.config import minilm_config
+    from recast_core.families import bank_config
     from recast_core.mimicry import PaperSchedule, mimic
 
-    config = minilm_config(groups=args.groups, templates=args.templates, coeff_sets=args.coeff_sets)
-    backbone = load_text_backbone()
+    backbone = load_text_backbone(args.backbone)
+    config = bank_config(backbone, groups=args.groups, templates=args.templates, coeff_sets=args.coeff_sets)
     log.info(
         "mimicry started", extra={"method": args.method, "config": config.to_dict(), "out": str(args.out)}
     )
@@ -38,10 +39,11 @@ def _cmd_mimic(args: argparse.Namespace) -> None:
     result = mimic(
         backbone.model, config, args.method, probe=backbone.probe(), seed=args.seed, schedule=schedule
     )
-    result.bank.save(args.out)
+    result.bank.with_backbone(backbone.name, backbone.family).save(args.out)
     report = result.report.to_dict() | {
         "fingerprint": result.bank.fingerprint,
         "backbone": backbone.name,
+        "backbone_family": backbone.family,
         "bank_bytes": result.bank.nbytes(),
     }
     write_report(args.out, report)
@@ -58,9 +60,12 @@ def _cmd_mimic(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from recast_core.backbone import load_text_backbone
     from recast_core.bank import load_bank
+    from recast_core.bank_fit import check_bank_fits
 
     bank = load_bank(args.bank)
-    return load_text_backbone(), bank
+    backbone = load_text_backbone(args.backbone)
+    check_bank_fits(bank, backbone, args.bank)
+    return backbone, bank
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -177,20 +182,32 @@ def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
-    from recast_core.artifact import read_artifact
-    from recast_core.task_model import TextTaskModel, artifact_spec
+def _cmd_predict(args: argparse.Namespace) -> int | None:
+    if (args.task is None) == (args.task_id is None):
+        raise UsageError("predict needs one of --task (offline, with --bank) and --task-id (a server)")
+    if args.task_id is not None and args.bank is not None:
+        raise UsageError("predict from a server takes --task-id (and --url), not --bank/--task")
+    if args.data is not None:
+        if args.texts or args.out is None:
+            raise UsageError("predict --data FILE needs --out FILE (.csv or .jsonl) and no TEXT arguments")
+        if args.task is not None and args.bank is None:
+            raise UsageError("predict offline needs --bank and --task (or --task-id to ask a server)")
+        from recast_cli.predict_cmd import predict_file
 
+        return predict_file(args, _load)
+    if not args.texts:
+        raise UsageError("predict needs TEXT arguments, or --data FILE --out FILE")
     if args.task_id is not None:
-        if args.bank is not None or args.task is not None:
-            raise UsageError("predict from a server takes --task-id (and --url), not --bank/--task")
         with _client(args) as client:
             answer = client.predict(args.task_id, args.texts)
         for text, output in zip(args.texts, answer["outputs"], strict=True):
             print(json.dumps({"text": text, "label": output["label"], "scores": output["scores"]}))
-        return
+        return None
     if args.bank is None or args.task is None:
         raise UsageError("predict offline needs --bank and --task (or --task-id to ask a server)")
+    from recast_core.artifact import read_artifact
+    from recast_core.task_model import TextTaskModel, artifact_spec
+
     backbone, bank = _load(args)
     artifact = read_artifact(
         args.task, artifact_spec(bank, backbone.hidden_size, None, backbone.embedding_bound())
@@ -198,6 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     model = TextTaskModel.from_artifact(backbone, bank, artifact)
     for text, pred in zip(args.texts, model.predict(args.texts), strict=True):
         print(json.dumps({"text": text, "label": pred.label, "scores": pred.scores}))
+    return None
 
 
 def _cmd_datasets(args: argparse.Namespace) -> None:
@@ -234,6 +252,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             ("store", args.store),
             ("device", args.device),
             ("dtype", args.dtype),
+            ("backbone", args.backbone),
         )
         if value is not None
     }
@@ -318,14 +337,28 @@ def _positive(value: str) -> int:
     return number
 
 
+def _backbone_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        type=Path,
+        default=Path(os.environ["RECAST_BACKBONE"]) if os.environ.get("RECAST_BACKBONE") else None,
+        help="a local Hugging Face encoder directory (RECAST_BACKBONE; default: the bundled MiniLM)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("mimic", help="fit a template bank to the default backbone (Neural Mimicry)")
+    p = sub.add_parser("mimic", help="fit a template bank to the backbone (Neural Mimicry)")
     p.add_argument("--out", type=Path, required=True, help="bank directory to write")
-    p.add_argument("--groups", type=_positive, default=3)
+    _backbone_option(p)
+    p.add_argument(
+        "--groups",
+        type=_positive,
+        help="layer groups (default: 3 for the bundled MiniLM, else layers / templates rounded up: exact)",
+    )
     p.add_argument("--templates", type=_positive, default=2)
     p.add_argument("--coeff-sets", type=_positive, default=2)
     p.add_argument("--method", choices=("svd", "paper"), default="svd")
@@ -335,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a task (coefficients + head) on labelled data")
     p.add_argument("--bank", type=Path, required=True)
+    _backbone_option(p)
     p.add_argument("--data", type=Path, required=True, help=".csv with a header row, or .jsonl")
     p.add_argument("--val-data", type=Path, help="validation data (default: carved from --data)")
     p.add_argument("--test-data", type=Path, help="test data, evaluated once at the end")
@@ -381,9 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict offline with a task artifact, or ask a server (--task-id)")
     p.add_argument("--bank", type=Path, help="offline: template bank directory")
     p.add_argument("--task", type=Path, help="offline: task artifact")
+    _backbone_option(p)
     p.add_argument("--task-id", help="ask a running server for this task")
     _server_options(p, url_default=None)
-    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--data", type=Path, help="predict every row of this .csv or .jsonl file (- : stdin)")
+    p.add_argument("--out", type=Path, help="with --data: the .csv or .jsonl file to write")
+    p.add_argument("--text-column", default="text", help="with --data: the column holding the text")
+    p.add_argument("--format", choices=FILE_FORMATS, help="with --data: its format (default: by its name)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("tasks", help="list, show, upload, delete or train tasks on a running server")
@@ -409,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1, RECAST_HOST)")
     p.add_argument("--port", type=int, help="port (default 8000, RECAST_PORT)")
     p.add_argument("--bank", type=Path, help="template bank directory, built there if missing (RECAST_BANK)")
+    p.add_argument(
+        "--backbone",
+        type=Path,
+        help="a local Hugging Face encoder directory (RECAST_BACKBONE; default: the bundled MiniLM)",
+    )
     p.add_argument("--store", help="task store: a directory or a postgresql:// DSN (RECAST_STORE)")
     p.add_argument(
         "--device", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available; RECAST_DEVICE)"
@@ -455,9 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(logging.DEBUG if args.verbose else logging.INFO)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except (RecastError, UsageError, RecastClientError) as exc:
         message = " ".join(str(exc).split())
         print(f"recast {args.command}: error: {message}", file=sys.stderr)
@@ -465,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recast: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
