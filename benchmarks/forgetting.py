@@ -41,6 +41,7 @@ def run(
     epochs: int = 2,
     max_length: int = 64,
     probe: int = 128,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     backbone = load_text_backbone()
     bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
@@ -49,7 +50,7 @@ def run(
     predictor = Predictor(backbone, bank, Kernels("cpu"), max_length=max_length)
     recorded: dict[str, tuple[list[str], torch.Tensor, bytes]] = {}
     checks: list[dict[str, Any]] = []
-    options = TrainOptions(epochs=epochs, max_length=max_length, max_train_examples=max_train, seed=0)
+    options = TrainOptions(epochs=epochs, max_length=max_length, max_train_examples=max_train, seed=0, lr=lr)
     for task in tqdm(tasks, desc="sequential tasks", unit="task"):
         splits = load_splits(task)
         result = train_task(backbone, bank, splits.train, val=splits.val, options=options, progress=False)
@@ -109,8 +110,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--max-train", type=int, default=1000, help="training examples per task at most")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, help="coefficient learning rate (default: chosen on validation)")
     args = parser.parse_args()
-    result = run(max_train=args.max_train, epochs=args.epochs)
+    result = run(max_train=args.max_train, epochs=args.epochs, lr=args.lr)
     b = result["budget"]
     body = (
         "## Zero forgetting on one registry\n\n"
