@@ -184,7 +184,8 @@ def _stream(reader: RowReader, backend: Backend, out: Path, kind: str, total: in
 
     pieces = chunks(reader.rows(backend.max_chars), backend.chunk_size)
     first = next(pieces, [])
-    with_id = reader.has_id or (reader.kind == "jsonl" and any(row.id is not None for row in first))
+    # JSON Lines rows may carry an id on any line: their CSV always has the column (empty where absent)
+    with_id = reader.has_id or reader.kind == "jsonl"
     writer = RowWriter(out, kind, backend.classes, with_id)
     bar = tqdm(total=total, unit="row", desc="predicting", file=sys.stderr, disable=None, dynamic_ncols=True)
     try:

@@ -3,9 +3,9 @@
 Input: CSV with a header row, or JSON Lines (one object per line), from a path or standard input (`-`).
 Each row keeps the line of the input it starts on; a row that cannot be used (malformed CSV or JSON,
 missing or empty text, text over the character limit, not valid UTF-8) becomes a row with an `error`,
-and reading goes on with the next line. Output: CSV (`line`, `id` when the input has one, `label`, one
-`score_<class>` column per class, `error`) or JSON Lines (`line`, `id`, then `label` and `scores`, or
-`error`).
+and reading goes on with the next line. Output: CSV (`line`, `id` when the input is JSON Lines or a CSV
+with an `id` column, `label`, one `score_<class>` column per class, `error`) or JSON Lines (`line`, `id`,
+then `label` and `scores`, or `error`).
 """
 
 from __future__ import annotations

@@ -208,6 +208,34 @@ def test_offline_jsonl_to_csv(
     assert all(f"recast predict: line {number}: " in stderr for number in bad)
 
 
+def test_jsonl_ids_after_the_first_chunk_reach_the_csv(
+    backbone: TextBackbone,
+    default_bank: TemplateBank,
+    task_file: Path,
+    trec: Splits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CSV's columns are fixed by its header: an id first seen in a later chunk still has its column."""
+    from recast_cli import predict_cmd
+
+    monkeypatch.setattr(predict_cmd.OfflineBackend, "chunk_size", 3)
+    texts = list(trec.test.texts[:7])
+    records = [{"text": text} for text in texts]
+    records[5]["id"] = "late"  # in the second chunk of three rows
+    data = tmp_path / "late-ids.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    out = tmp_path / "late-ids.csv"
+    args = build_parser().parse_args(
+        ["predict", "--bank", str(tmp_path), "--task", str(task_file), "--data", str(data), "--out", str(out)]
+    )
+    assert predict_file(args, lambda _: (backbone, default_bank)) == 0
+    header, rows = read_csv_output(out)
+    assert header[:3] == ["line", "id", "label"]
+    assert [row["id"] for row in rows] == ["", "", "", "", "", "late", ""]
+    assert [int(row["line"]) for row in rows] == list(range(1, 8))
+
+
 @pytest.fixture(scope="module")
 def server_url(bank_dir: Path, task_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(
