@@ -17,6 +17,7 @@ from recast_core.artifact import TaskArtifact
 from recast_core.bank import TemplateBank
 from server import create_app
 from server.api.http_protocol import server_config
+from server.auth.keys import create_key
 from server.settings import Settings
 
 
@@ -79,3 +80,12 @@ def training_settings(bank_dir: Path, store: Path, api_keys: str, **overrides: A
         "train_idle_priority": False,
     }
     return Settings(**(values | overrides))
+
+
+def two_tenants_keys(path: Path) -> dict[str, str]:
+    """Keys written to the keys file `path`: team-a's admin and predict keys and team-b's admin key."""
+    return {
+        "a_admin": create_key(path, "team-a", "admin")[0],
+        "a_predict": create_key(path, "team-a", "predict")[0],
+        "b_admin": create_key(path, "team-b", "admin")[0],
+    }

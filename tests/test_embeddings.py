@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import serving, task_artifact
+from server_harness import serving, task_artifact, two_tenants_keys
 
 from kernels import Kernels
 from recast_core.artifact import TaskArtifact, read_artifact
 from recast_core.backbone import TextBackbone, sample_sentences
 from recast_core.bank import TemplateBank
 from recast_core.task_model import TextTaskModel, artifact_spec
-from server.auth.keys import create_key
 from server.serving.predictor import Predictor, TaskRequest
 from server.settings import Settings
 from server.stores.base import StoredTask
@@ -62,12 +61,7 @@ def live(
     sentence-transformers is in float32, not in the bfloat16 `auto` picks on CPUs with native bf16."""
     root = tmp_path_factory.mktemp("embeddings")
     keys_file = root / "keys.json"
-    keys = {
-        "admin": ADMIN,
-        "a_admin": create_key(keys_file, "team-a", "admin")[0],
-        "a_predict": create_key(keys_file, "team-a", "predict")[0],
-        "b_admin": create_key(keys_file, "team-b", "admin")[0],
-    }
+    keys = {"admin": ADMIN, **two_tenants_keys(keys_file)}
     settings = Settings(
         bank=bank_dir,
         store=str(root / "tasks"),

@@ -17,11 +17,10 @@ import pytest
 import tritonclient.http as triton
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
-from server_harness import serving, task_artifact
+from server_harness import serving, task_artifact, two_tenants_keys
 from tritonclient.utils import InferenceServerException
 
 from recast_core.bank import TemplateBank
-from server.auth.keys import create_key
 from server.settings import Settings
 
 OCTETS = {"Content-Type": "application/octet-stream"}
@@ -45,11 +44,7 @@ def live(
 ) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("oip-v2")
     path = root / "keys.json"
-    keys = {
-        "a_admin": create_key(path, "team-a", "admin")[0],
-        "a_predict": create_key(path, "team-a", "predict")[0],
-        "b_admin": create_key(path, "team-b", "admin")[0],
-    }
+    keys = two_tenants_keys(path)
     settings = Settings(
         bank=bank_dir,
         store=str(root / "tasks"),
