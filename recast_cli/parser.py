@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pooling",
         choices=POOLINGS,
         default=TRAIN_DEFAULTS.pooling,
-        help="how the head pools the last hidden states: mean, or query (attention with one learned query)",
+        help="how the head pools the last hidden states: mean (the backbone's own pooling: mean, or CLS or "
+        "max where its sentence-transformers config says so), or query (attention with one learned query)",
     )
     p.set_defaults(func=commands.run_train)
 
