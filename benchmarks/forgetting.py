@@ -3,9 +3,11 @@
 Usage: python -m benchmarks.forgetting [--max-train N] [--epochs E] [--write docs/results.md] [--json]
 
 The text tasks are trained one after another against the same resident bank and registered in one
-`server.tasks.registry.TaskRegistry`; after each registration every earlier task's logits on its own test
-texts (through the server's `Predictor`, the same routing as when first recorded) and its stored bytes
-are compared bit for bit with what they were right after that task was trained.
+`server.tasks.registry.TaskRegistry`, each with the artifact parts PARTS gives it in turn (the paper's
+coefficients alone, plus the FFN scale and shift, plus the attention-pooling head); after each
+registration every earlier task's logits on its own test texts (through the server's `Predictor`, the same
+routing as when first recorded) and its stored bytes are compared bit for bit with what they were right
+after that task was trained.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,8 @@ from server.tasks.catalog import TaskCatalog
 from server.tasks.registry import TaskRegistry
 
 TASKS = ("trec", "sms_spam", "movie_reviews", "tweet_sentiment")
+# (capacity, pooling) of the i-th task, cycled: every kind of artifact part shares the one registry
+PARTS = (("coefficients", "mean"), ("ffn_edit", "mean"), ("ffn_edit", "query"), ("coefficients", "query"))
 
 
 def run(
@@ -42,6 +47,7 @@ def run(
     max_length: int = 64,
     probe: int = 128,
     lr: float | None = None,
+    parts: tuple[tuple[str, str], ...] = PARTS,
 ) -> dict[str, Any]:
     backbone = load_text_backbone()
     bank = mimic(backbone.model, minilm_config(), "svd", progress=False).bank
@@ -51,9 +57,12 @@ def run(
     recorded: dict[str, tuple[list[str], torch.Tensor, bytes]] = {}
     checks: list[dict[str, Any]] = []
     options = TrainOptions(epochs=epochs, max_length=max_length, max_train_examples=max_train, seed=0, lr=lr)
+    part_of = {task: parts[i % len(parts)] for i, task in enumerate(tasks)}
     for task in tqdm(tasks, desc="sequential tasks", unit="task"):
         splits = load_splits(task)
-        result = train_task(backbone, bank, splits.train, val=splits.val, options=options, progress=False)
+        capacity, pooling = part_of[task]
+        own = replace(options, capacity=capacity, pooling=pooling)
+        result = train_task(backbone, bank, splits.train, val=splits.val, options=own, progress=False)
         data = result.artifact.to_bytes()
         entry = catalog.upload(task, data)
         texts = list(splits.test.texts[:probe])
@@ -77,12 +86,25 @@ def run(
     mixed_diff = max(float((m - recorded[t][1]).abs().max()) for m, t in zip(mixed, tasks, strict=True))
     return {
         "tasks": list(tasks),
+        "parts": {task: {"capacity": c, "pooling": p} for task, (c, p) in part_of.items()},
         "budget": {"max_train": max_train, "epochs": epochs, "max_length": max_length, "probe": probe},
         "checks": checks,
         "all_identical": all(c["logits_identical"] and c["artifact_identical"] for c in checks),
         "mixed_batch_max_abs_diff": mixed_diff,
         "kernel_path": predictor.kernels.path.value,
     }
+
+
+def parts_text(result: dict[str, Any]) -> str:
+    """The tasks with their artifact parts, e.g. "trec (coefficients), sms_spam (coefficients + FFN edit)"."""
+    named = []
+    for task in result["tasks"]:
+        part = result["parts"][task]
+        extras = [" + FFN edit"] * (part["capacity"] == "ffn_edit") + [" + query pool"] * (
+            part["pooling"] == "query"
+        )
+        named.append(f"{task} (coefficients{''.join(extras)})")
+    return ", ".join(named)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -118,7 +140,7 @@ def main() -> None:
         "## Zero forgetting on one registry\n\n"
         f"Command: `python -m benchmarks.forgetting --max-train {b['max_train']} --epochs {b['epochs']} "
         "--write docs/results.md`. "
-        f"Tasks {', '.join(result['tasks'])} trained one after another ({b['max_train']} examples, "
+        f"Tasks {parts_text(result)} trained one after another ({b['max_train']} examples, "
         f"{b['epochs']} epochs, {b['max_length']} tokens) and registered in one `TaskRegistry`; after each, "
         f"every earlier task's logits on {b['probe']} of its test texts are compared with those recorded "
         f"right after it was trained (kernel path {result['kernel_path']}). "
