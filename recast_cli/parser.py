@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity",
         choices=CAPACITIES,
         default=TRAIN_DEFAULTS.capacity,
-        help="what the task trains beside its head: coefficients (the per-module template mix) or "
-        "ffn_edit (those plus a per-channel scale and shift of every layer's FFN output)",
+        help="what the task trains beside its head: ffn_edit (the default: the per-module template mix "
+        "plus a per-channel scale and shift of every layer's FFN output) or coefficients (the mix alone, "
+        "the paper's method: smaller, less accurate)",
     )
     p.add_argument(
         "--pooling",

@@ -59,9 +59,10 @@ def test_task_beats_majority_and_linear_probe(
     assert summary["lr"] in OPTIONS.lr_grid and len(summary["lr_trials"]) == len(OPTIONS.lr_grid)
     assert abs(summary["train_examples"] - 600) <= 6  # the cap, stratified per class (6 classes)
     assert summary["test_examples"] == len(trec.test)
-    # the backbone changed through 48 coefficients only
+    # the backbone changed through its 48 coefficients and the FFN edit (the default capacity) only
     artifact = trained.artifact
-    assert artifact.trainable_parameters == 48
+    assert summary["capacity"] == "ffn_edit" and artifact.edit is not None
+    assert artifact.trainable_parameters == 48 + 2 * 6 * 384
     assert summary["best_epoch"] >= 1
 
 
