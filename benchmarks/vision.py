@@ -63,6 +63,7 @@ class FeatureClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.head.in_features, num_labels)
+        self.edit: FfnEdit | None = None  # recast_ffn: registered here so that its state is the model's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.features(x))
@@ -163,6 +164,7 @@ def run_vision(
         body = list(reparam.coefficients)
         if method == "recast_ffn":
             edit = FfnEdit(model, reparam.plan, EDITED_KINDS[backbone_name])
+            classifier.edit = edit  # the classifier's own: model selection snapshots and restores it
             body += list(edit.parameters())
     elif method == "lora_r8":
         from peft import LoraConfig, inject_adapter_in_model

@@ -150,7 +150,10 @@ def fit(
 ) -> FitOutcome:
     """AdamW on `param_groups` with cross-entropy; the model is evaluated on validation before training and
     after every epoch, early-stopped after `patience` epochs without improvement, and left at its best
-    validation epoch (accuracy, then loss). Every parameter with requires_grad is part of the snapshot."""
+    validation epoch (accuracy, then loss). Every parameter with requires_grad is part of the snapshot,
+    so every trained parameter must be one of `model`'s (a ValueError otherwise: a stray one would keep its
+    last value when the model is restored to its best epoch)."""
+    _require_owned(model, param_groups)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(options.seed)
     val_acc, val_loss = evaluate(model, val)
@@ -229,6 +232,17 @@ def probe_head(
         head.weight.copy_(coef)
         head.bias.copy_(intercept)
     return c, acc
+
+
+def _require_owned(model: nn.Module, param_groups: list[dict[str, object]]) -> None:
+    owned = {id(p) for p in model.parameters() if p.requires_grad}
+    trained = [p for group in param_groups for p in group["params"]]  # type: ignore[attr-defined]
+    stray = sum(id(p) not in owned for p in trained)
+    if stray:
+        raise ValueError(
+            f"{stray} of the {len(trained)} trained parameters are not parameters of the model with "
+            "requires_grad: register their module on the model so that model selection restores them"
+        )
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -125,3 +125,21 @@ def test_a_given_lr_skips_the_trials() -> None:
     model = Scaled()
     outcome = fit_choosing_lr(model, _groups(model), train, val, TrainOptions(epochs=1, lr=0.05), False)
     assert outcome.lr == 0.05 and outcome.lr_trials == {}
+
+
+def test_a_trained_parameter_outside_the_model_is_refused() -> None:
+    """Model selection restores the model's own parameters only: one trained beside them (a module not
+    registered on the model) would keep its last value at the best epoch, so fit refuses it."""
+    train, val = _data(64, 0), _data(32, 1)
+    model = Scaled()
+    loose = nn.Parameter(torch.ones(8))
+    groups: list[dict[str, object]] = [
+        {"params": [model.gain, loose], "lr": 0.05},
+        {"params": list(model.head.parameters())},
+    ]
+    with pytest.raises(ValueError, match="1 of the 4 trained parameters are not parameters of the model"):
+        fit(model, groups, train, val, TrainOptions(epochs=1, lr=0.05), False)
+    frozen = Scaled()
+    frozen.gain.requires_grad_(False)
+    with pytest.raises(ValueError, match="not parameters of the model with requires_grad"):
+        fit(frozen, _groups(frozen)(0.05), train, val, TrainOptions(epochs=1, lr=0.05), False)
