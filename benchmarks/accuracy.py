@@ -249,14 +249,16 @@ def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
-        rows = [r for r in runs if r["method"] == m]
+        rows = [r for r in runs if r["method"] == m and r["task"] in TEXT_TASKS]  # MiniLM's bytes only
+        if not rows:
+            continue
         size = sorted(r["artifact_bytes"] for r in rows)[len(rows) // 2]
         accuracy = sum(100 * r["test_accuracy"] for r in rows) / len(rows)
         ax.scatter([size], [accuracy], s=60, label=m)
         ax.annotate(m, (size, accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("bytes stored per task (median)")
-    ax.set_ylabel("test accuracy, mean over runs (%)")
+    ax.set_ylabel("test accuracy, mean over text runs (%)")
     ax.set_title("Accuracy vs per-task bytes (MiniLM)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
