@@ -30,6 +30,7 @@ from recast_core.config import minilm_config
 from recast_core.data import LabelledTexts, stratified_cap
 from recast_core.datasets import load_splits
 from recast_core.errors import BankError
+from recast_core.files import write_atomic
 from recast_core.mimicry import mimic
 from recast_core.training import TrainOptions, prepare_splits, train_task
 
@@ -306,11 +307,20 @@ def main() -> None:
     for task, method, seed in tqdm(plan, desc="accuracy table", unit="run"):
         row = run_one(task, method, seed, backbone, banks, budget, args.cache)
         runs.append(row)
-        results_path.write_text(json.dumps({"budget": budget.__dict__, "runs": runs}, indent=1) + "\n")
+        # atomic: an interrupted write never loses the finished runs
+        write_atomic(
+            results_path, (json.dumps({"budget": budget.__dict__, "runs": runs}, indent=1) + "\n").encode()
+        )
         tqdm.write(json.dumps(row))
-    table = render(runs, args.out)
+    print(write_report(runs, args.out, budget, args.quick))
+
+
+def write_report(runs: list[dict[str, Any]], out: Path, budget: Budget, quick: bool = False) -> str:
+    """The table, its headline gaps and the plot into `out`/results.md and results.png; returns the table."""
+    table = render(runs, out)
+    where = "" if out == Path("docs") else f" --out {out}"
     header = (
-        f"Command: `python -m benchmarks.accuracy{' --quick' if args.quick else ''}`. "
+        f"Command: `python -m benchmarks.accuracy{' --quick' if quick else ''}{where}`. "
         f"Budget: {budget.max_train} training examples per task at most, {budget.epochs} epochs, "
         f"{budget.max_length} tokens, seeds {list(budget.seeds)}; model selection on validation; "
         "test accuracy in %, mean ± std over seeds. Trainable parameters exclude the classifier head; "
@@ -318,11 +328,11 @@ def main() -> None:
         "with other jobs), not a speed benchmark.\n\n"
         "![accuracy vs bytes](results.png)\n\n"
     )
-    results_md = args.out / "results.md"
+    results_md = out / "results.md"
     if not results_md.exists():
         results_md.write_text("# Accuracy per stored byte\n")
     replace_section(results_md, "accuracy", header + table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
