@@ -6,7 +6,8 @@ Usage:
 
 Same backbone (MiniLM), same fixed splits, same token budget (examples x epochs x max length) and model
 selection on the validation split for every method. Each finished run is appended to results.json at once,
-so an interrupted table resumes where it stopped.
+so an interrupted table resumes where it stopped, and the same command started in several processes (each
+with its share of the cores, e.g. OMP_NUM_THREADS=1) divides the runs between them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.baselines import mean_std, run_baseline
+from benchmarks.run_ledger import Ledger
 from benchmarks.sections import replace_section
 from benchmarks.vision import VISION_TASKS, run_vision
 from recast_core.backbone import TextBackbone, load_text_backbone
@@ -30,7 +32,6 @@ from recast_core.config import minilm_config
 from recast_core.data import LabelledTexts, stratified_cap
 from recast_core.datasets import load_splits
 from recast_core.errors import BankError
-from recast_core.files import write_atomic
 from recast_core.mimicry import mimic
 from recast_core.training import TrainOptions, prepare_splits, train_task
 
@@ -267,21 +268,6 @@ def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _resume(path: Path, budget: Budget) -> list[dict[str, Any]]:
-    """Finished runs of an earlier, interrupted table; only when it used the same budget."""
-    if not path.exists():
-        return []
-    stored = json.loads(path.read_text())
-    wanted = json.loads(json.dumps(budget.__dict__))
-    if stored.get("budget") != wanted:
-        raise SystemExit(
-            f"{path} was produced with budget {stored.get('budget')}, not {wanted}; "
-            "move it away to start afresh"
-        )
-    runs: list[dict[str, Any]] = stored["runs"]
-    return runs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,10 +279,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache/banks"))
     args = parser.parse_args()
     budget = QUICK if args.quick else FULL
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.json"
-    runs = _resume(results_path, budget)
-    done = {(r["task"], r["method"], r["seed"]) for r in runs}
+    ledger = Ledger(args.out, budget.__dict__)
+    done = {(r["task"], r["method"], r["seed"]) for r in ledger.runs()}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_text_backbone()
     wanted = {BANK_OF[m] for m in args.methods if m in BANK_OF}
@@ -305,13 +289,16 @@ def main() -> None:
 
     plan = [p for p in _planned(tuple(args.tasks), tuple(args.methods), budget) if p not in done]
     for task, method, seed in tqdm(plan, desc="accuracy table", unit="run"):
-        row = run_one(task, method, seed, backbone, banks, budget, args.cache)
-        runs.append(row)
-        # atomic: an interrupted write never loses the finished runs
-        write_atomic(
-            results_path, (json.dumps({"budget": budget.__dict__, "runs": runs}, indent=1) + "\n").encode()
-        )
+        if not ledger.claim((task, method, seed)):
+            continue  # finished or under way in another process of the same table
+        try:
+            row = run_one(task, method, seed, backbone, banks, budget, args.cache)
+        except BaseException:
+            ledger.release((task, method, seed))
+            raise
+        ledger.record((task, method, seed), row)
         tqdm.write(json.dumps(row))
+    runs = ledger.runs()
     print(write_report(runs, args.out, budget, args.quick))
 
 
