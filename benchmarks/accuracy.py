@@ -147,6 +147,7 @@ def run_one(
             "stored_params": art.trainable_parameters,
             "head_params": art.head_parameters,
             "artifact_bytes": len(art.to_bytes()),
+            "lr": art.training["lr"],  # the learning rate chosen on validation
         }
     else:
         train, val, labels = prepare_splits(splits.train, val, test, options)
@@ -158,6 +159,7 @@ def run_one(
             "stored_params": run.trainable_params,
             "head_params": run.head_params,
             "artifact_bytes": run.artifact_bytes,
+            "lr": None if run.outcome is None else run.outcome.lr,
         }
     return {
         "task": task,

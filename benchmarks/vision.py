@@ -212,5 +212,6 @@ def run_vision(
         else artifact.trainable_parameters,
         "head_params": head_params,
         "artifact_bytes": size,
+        "lr": outcome.lr if outcome else None,  # the learning rate chosen on validation
         "train_seconds": round(time.perf_counter() - start, 2),
     }
