@@ -73,6 +73,7 @@ def run_train(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        coef_lr=args.coef_lr,
         head_lr=args.head_lr,
         select_epochs=args.select_epochs,
         max_length=args.max_length,

@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the coefficients' learning rate (default: chosen on validation from "
         f"{', '.join(f'{lr:g}' for lr in TRAIN_DEFAULTS.lr_grid)} by short trials)",
     )
+    p.add_argument(
+        "--coef-lr",
+        type=_positive_float,
+        default=TRAIN_DEFAULTS.coef_lr,
+        help="the coefficients' own learning rate when the task also trains an FFN edit or a pooling "
+        "query (--lr or its choice is then those parts' rate; default: "
+        + ("the same as theirs" if TRAIN_DEFAULTS.coef_lr is None else f"{TRAIN_DEFAULTS.coef_lr:g}")
+        + ")",
+    )
     p.add_argument("--head-lr", type=_positive_float, default=TRAIN_DEFAULTS.head_lr)
     p.add_argument(
         "--select-epochs",

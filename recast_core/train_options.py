@@ -28,6 +28,9 @@ class TrainOptions:
     epochs: int = 8
     batch_size: int = 32
     lr: float | None = None  # the coefficients' learning rate; None: chosen from lr_grid on validation
+    # the coefficients' own rate when the task trains an FFN edit or a pooling query beside them (lr is
+    # then those parts' rate); None: the coefficients follow lr
+    coef_lr: float | None = None
     head_lr: float = 5e-4  # the head starts at the probe's optimum: it moves slowly
     weight_decay: float = 1e-6
     patience: int = 8  # epochs without a better validation score before stopping (8: the whole decay)
@@ -51,7 +54,7 @@ class TrainOptions:
         ]
         problems += [
             f"{name} must be > 0, got {getattr(self, name)!r}"
-            for name in ("lr", "head_lr")
+            for name in ("lr", "coef_lr", "head_lr")
             if getattr(self, name) is not None and not getattr(self, name) > 0
         ]
         if self.lr is None and (not self.lr_grid or not all(lr > 0 for lr in self.lr_grid)):

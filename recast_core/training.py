@@ -95,11 +95,14 @@ def train_task(
     if on_progress is not None:
         on_progress("embedding", 1, 1)
 
+    coefficients = list(model.reparam.coefficients)
+    extra = model.trainable()[len(coefficients) :]  # the FFN edit and the pooling query, when trained
+
     def groups(lr: float) -> list[dict[str, object]]:
-        return [
-            {"params": model.trainable(), "lr": lr},
-            {"params": list(model.head.parameters()), "lr": options.head_lr},
-        ]
+        head = {"params": list(model.head.parameters()), "lr": options.head_lr}
+        if options.coef_lr is None or not extra:
+            return [{"params": model.trainable(), "lr": lr}, head]
+        return [{"params": coefficients, "lr": options.coef_lr}, {"params": extra, "lr": lr}, head]
 
     examples = {
         name: text_examples(backbone.tokenize, split.texts, y, options.max_length)

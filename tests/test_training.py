@@ -141,3 +141,28 @@ def test_training_another_task_forgets_nothing(
     assert torch.equal(before, after)
     assert all(torch.equal(templates[k], default_bank.templates[k]) for k in templates)
     assert all(torch.equal(backbone_state[k], v) for k, v in backbone.model.state_dict().items())
+
+
+def test_coef_lr_sets_the_coefficients_rate_beside_the_edit(
+    backbone: TextBackbone, default_bank: TemplateBank, trec: Splits
+) -> None:
+    """With coef_lr, the coefficients train at their own rate and the FFN edit at lr: a vanishing coef_lr
+    leaves the coefficients where the bank starts them while the edit moves; without an edit, lr rules."""
+    small = trec.train.subset(range(300))
+    base = default_bank.base_coefficients.mean(dim=1)
+    options = TrainOptions(epochs=1, max_train_examples=96, seed=0, lr=3e-2, coef_lr=1e-12)
+    edited = train_task(backbone, default_bank, small, options=options, progress=False).artifact
+    assert edited.edit is not None
+    assert float((edited.coefficients - base).abs().max()) < 1e-6
+    scale, shift = edited.edit
+    assert float((scale - 1).abs().max()) > 1e-3 and float(shift.abs().max()) > 1e-3
+    alone = dataclasses.replace(options, capacity="coefficients")  # coef_lr applies beside an edit only
+    plain = train_task(backbone, default_bank, small, options=alone, progress=False).artifact
+    assert float((plain.coefficients - base).abs().max()) > 1e-3
+
+
+def test_coef_lr_must_be_positive() -> None:
+    from recast_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="coef_lr must be > 0"):
+        TrainOptions(coef_lr=0.0)

@@ -51,6 +51,14 @@ class TrainingOptions(BaseModel):
         description="learning rate of the coefficients; null (the default): chosen on the validation split "
         f"from {', '.join(f'{lr:g}' for lr in CORE.lr_grid)} by {CORE.select_epochs}-epoch trials",
     )
+    coef_lr: float | None = Field(
+        default=CORE.coef_lr,
+        gt=0,
+        le=1,
+        description="the coefficients' own learning rate when the task also trains an FFN edit or a "
+        "pooling query (lr is then those parts' rate); null: "
+        + ("the same as lr" if CORE.coef_lr is None else f"default {CORE.coef_lr:g}"),
+    )
     head_lr: float = Field(
         default=CORE.head_lr, gt=0, le=1, description="learning rate of the classifier head"
     )
